@@ -1,0 +1,109 @@
+//! Command-line interface (clap).
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "proxqat",
+    version,
+    about = "Quantization-aware training (Prox-QAT) of Llama-family models on candle",
+    long_about = "Fine-tune a Llama-family model while pulling selected weights onto a low-bit grid (Prox-QAT), \
+then harden, inspect and evaluate the result. Checkpoints are HF directories plus training state."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train (fine-tune, optionally with Prox-QAT) from a TOML config.
+    Train(TrainArgs),
+    /// Evaluate a checkpoint: val loss (fp / q / fsq), text perplexity, greedy samples.
+    Eval(EvalArgs),
+    /// Snap a checkpoint's selected weights onto its grid and write a new checkpoint.
+    Harden(HardenArgs),
+    /// Per-tensor grid statistics of a checkpoint (hit rate, saturation, |w − q|, scale).
+    Stats(StatsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Run configuration (TOML; see configs/).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config value, e.g. --set train.lr=1e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Continue from a checkpoint directory (or a run directory's `latest`); default: the config's out_dir.
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub resume: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CkptArgs {
+    /// Checkpoint directory, run directory (follows `latest`), HF directory or .gguf file.
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// Config whose [quant] (and [data]) sections apply when the checkpoint carries none.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// cpu, cuda or auto [default: auto].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub ckpt: CkptArgs,
+    /// Alpaca JSON to evaluate on (all its records); default: the run's validation split.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Raw UTF-8 text for GPTQ-protocol perplexity.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Window length in tokens for --text [default: 2048].
+    #[arg(long, default_value_t = 2048)]
+    pub seq_len: usize,
+    /// Prompt for a greedy sample (repeatable).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// Tokens to generate per prompt [default: 50].
+    #[arg(long, default_value_t = 50)]
+    pub max_new_tokens: usize,
+    /// Validation batch size (rows) [default: 4].
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct HardenArgs {
+    #[command(flatten)]
+    pub ckpt: CkptArgs,
+    /// Snap entries with |w − q| ≤ atol (default: the quant config's atol).
+    #[arg(long)]
+    pub atol: Option<f64>,
+    /// Snap every selected entry, whatever its distance.
+    #[arg(long)]
+    pub all: bool,
+    /// Output checkpoint directory (never the input).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub ckpt: CkptArgs,
+    /// Hit tolerance (default: the quant config's atol).
+    #[arg(long)]
+    pub atol: Option<f64>,
+}

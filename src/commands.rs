@@ -1,0 +1,331 @@
+//! What each subcommand does: load, call the library, print text or one JSON object.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::cli::{CkptArgs, Cli, Command, EvalArgs, HardenArgs, StatsArgs};
+use crate::config::{Config, DeviceChoice, Precision};
+use crate::data::{self, Encoder};
+use crate::eval;
+use crate::fsutil;
+use crate::model::io::{self, LoadedModel};
+use crate::model::{Llama, Params};
+use crate::quant::{harden, stats, QuantConfig, Quantizer, View};
+use crate::train::{self, checkpoint};
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => {
+            let cfg = Config::load(&a.config, &a.overrides)?;
+            let resume = a.resume.map(|p| {
+                if p.as_os_str().is_empty() {
+                    cfg.train.out_dir.clone()
+                } else {
+                    p
+                }
+            });
+            train::train(cfg, resume)
+        }
+        Command::Eval(a) => run_eval(a),
+        Command::Harden(a) => run_harden(a),
+        Command::Stats(a) => run_stats(a),
+    }
+}
+
+/// A checkpoint opened for eval/stats/harden, with the config that applies to it.
+struct Opened {
+    ckpt: checkpoint::Checkpoint,
+    config: Option<Config>,
+    params: Params,
+    model: Llama,
+}
+
+fn open(a: &CkptArgs) -> Result<Opened> {
+    let ckpt = checkpoint::load(&a.ckpt)?;
+    let config = match (&a.config, &ckpt.state) {
+        (Some(path), _) => Some(Config::load(path, &[])?),
+        (None, Some(s)) => Some(s.config.clone()),
+        (None, None) => None,
+    };
+    let choice = match a.device.as_str() {
+        "cpu" => DeviceChoice::Cpu,
+        "cuda" => DeviceChoice::Cuda,
+        "auto" => DeviceChoice::Auto,
+        other => bail!("--device {other:?}: use cpu, cuda or auto"),
+    };
+    let device = train::pick_device(choice)?;
+    let precision = config
+        .as_ref()
+        .map(|c| c.train.precision)
+        .unwrap_or(Precision::Auto);
+    let (master, compute) = train::dtypes(precision, &device);
+    let tensors: BTreeMap<String, Tensor> = ckpt
+        .model
+        .tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&device)?)))
+        .collect::<Result<_>>()?;
+    let params = Params::from_tensors(&ckpt.model.cfg, tensors, master)?;
+    let model = Llama::new(ckpt.model.cfg.clone(), compute, &device);
+    Ok(Opened {
+        ckpt,
+        config,
+        params,
+        model,
+    })
+}
+
+impl Opened {
+    fn quant_config(&self) -> Option<&QuantConfig> {
+        self.config.as_ref().and_then(|c| c.quant.as_ref())
+    }
+
+    /// The quantizer, with the checkpoint's stored scales when it has them.
+    fn quantizer(&self) -> Result<Option<Quantizer>> {
+        self.quant_config()
+            .map(|q| Quantizer::from_scales(q, &self.params, &self.ckpt.quant))
+            .transpose()
+    }
+
+    fn require_quantizer(&self) -> Result<Quantizer> {
+        self.quantizer()?.with_context(|| {
+            format!(
+                "{} carries no quant config: pass --config FILE with a [quant] section",
+                self.ckpt.dir.display()
+            )
+        })
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("a JSON value always serializes")
+    );
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let o = open(&a.ckpt)?;
+    let quantizer = o.quantizer()?;
+    let mut out = serde_json::json!({});
+    let tok = &o.ckpt.model.tokenizer;
+    let data_source = match (&a.data, &o.config) {
+        (Some(path), _) => Some((
+            data::alpaca::load_records(path)?,
+            o.config
+                .as_ref()
+                .map(|c| c.data.max_seq_length)
+                .unwrap_or(256),
+            false,
+        )),
+        (None, Some(cfg)) if a.text.is_none() && a.prompt.is_empty() => {
+            let (_, val) = data::split(
+                data::alpaca::load_records(&cfg.data.path)?,
+                cfg.val_size(),
+                cfg.data.split_seed,
+            )?;
+            Some((val, cfg.data.max_seq_length, cfg.data.mask_prompt))
+        }
+        _ => None,
+    };
+    if let Some((records, max_seq_length, mask_prompt)) = data_source {
+        let eos_id = *o
+            .ckpt
+            .model
+            .cfg
+            .eos_token_ids
+            .first()
+            .context("the model config has no eos_token_id")?;
+        let encoder = Encoder {
+            tokenizer: tok.clone(),
+            eos_id,
+            max_seq_length,
+            mask_prompt,
+        };
+        let batches = data::val_batches(&records, &encoder, a.batch, None)?;
+        let l = eval::losses(&o.model, &o.params, quantizer.as_ref(), &batches)?;
+        out["val_loss"] = l.fp.into();
+        out["val_ppl"] = l.fp.exp().into();
+        out["val_records"] = records.len().into();
+        if let (Some(q), Some(fsq)) = (l.q, l.fsq) {
+            out["val_loss_fp"] = l.fp.into();
+            out["val_loss_q"] = q.into();
+            out["val_loss_fsq"] = fsq.into();
+        }
+    }
+    let weights = o
+        .params
+        .compute_weights(o.model.dtype, |_, x| Ok(x.clone()))?;
+    if let Some(path) = &a.text {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading text file {}", path.display()))?;
+        let p = eval::text_perplexity(&o.model, &weights, tok, &text, a.seq_len)?;
+        out.as_object_mut().expect("object").extend(
+            serde_json::to_value(p)?
+                .as_object()
+                .expect("object")
+                .clone(),
+        );
+    }
+    if !a.prompt.is_empty() {
+        let gens = a
+            .prompt
+            .iter()
+            .map(|p| eval::generate(&o.model, &weights, tok, p, a.max_new_tokens))
+            .collect::<Result<Vec<_>>>()?;
+        out["generations"] = serde_json::to_value(gens)?;
+    }
+    if out.as_object().is_some_and(|o| o.is_empty()) {
+        bail!("nothing to evaluate: the checkpoint carries no data config; pass --data, --text or --prompt");
+    }
+    if a.ckpt.json {
+        print_json(&out);
+    } else {
+        for (k, v) in out.as_object().expect("object") {
+            match v {
+                serde_json::Value::Array(gens) => {
+                    for g in gens {
+                        println!(
+                            "prompt: {}\ncompletion: {}",
+                            g["prompt"].as_str().unwrap_or(""),
+                            g["completion"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                _ => println!("{k:>14}  {v}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_stats(a: StatsArgs) -> Result<()> {
+    let o = open(&a.ckpt)?;
+    let quantizer = o.require_quantizer()?;
+    let atol = a.atol.unwrap_or(quantizer.cfg.atol);
+    if atol < 0.0 {
+        bail!("--atol {atol} must be ≥ 0");
+    }
+    let s = stats::compute(&o.params, &quantizer, atol)?;
+    if a.ckpt.json {
+        print_json(&serde_json::to_value(&s)?);
+        return Ok(());
+    }
+    println!(
+        "{:<44} {:>14} {:>10} {:>8} {:>8} {:>10} {:>10}",
+        "tensor", "shape", "numel", "hit", "sat", "mean|w-q|", "scale"
+    );
+    for t in &s.tensors {
+        println!(
+            "{:<44} {:>14} {:>10} {:>8.4} {:>8.4} {:>10.3e} {:>10}",
+            t.name,
+            format!("{:?}", t.shape),
+            t.numel,
+            t.hit_rate,
+            t.sat_rate,
+            t.mean_abs_err,
+            t.scale
+                .map(|s| format!("{s:.3e}"))
+                .unwrap_or_else(|| "levels".into())
+        );
+    }
+    println!(
+        "total: {} weights in {} tensors, hit_rate {:.4}, sat_rate {:.4} (atol {atol})",
+        s.total.numel,
+        s.tensors.len(),
+        s.total.hit_rate,
+        s.total.sat_rate
+    );
+    Ok(())
+}
+
+fn run_harden(a: HardenArgs) -> Result<()> {
+    let o = open(&a.ckpt)?;
+    if o.ckpt.dir.canonicalize().ok() == a.out.canonicalize().ok() || a.out == a.ckpt.ckpt {
+        bail!("--out {} is the input checkpoint; harden writes a new checkpoint, never over its input", a.out.display());
+    }
+    let quantizer = o.require_quantizer()?;
+    let atol = a.atol.unwrap_or(quantizer.cfg.atol);
+    if atol < 0.0 {
+        bail!("--atol {atol} must be ≥ 0");
+    }
+    let view = if a.all {
+        View::Hard
+    } else {
+        View::Selective(atol)
+    };
+    let hardened = harden::harden(&o.params, &quantizer, view)?;
+    let model = LoadedModel {
+        cfg: o.ckpt.model.cfg.clone(),
+        tensors: o.params.to_tensors(),
+        tokenizer: o.ckpt.model.tokenizer.clone(),
+    };
+    let config = o.config.clone().context("harden needs a config")?;
+    fsutil::write_dir_atomic(&a.out, a.overwrite, |tmp| {
+        io::save_hf(tmp, &model.cfg, &model.tensors, &model.tokenizer)?;
+        io::save_safetensors(
+            &quantizer.scale_tensors(),
+            candle_core::DType::F32,
+            &tmp.join("quant_state.safetensors"),
+        )
+        .or_else(|e| {
+            if quantizer.scale_tensors().is_empty() {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        let state = checkpoint::TrainerState {
+            step: o.ckpt.state.as_ref().map(|s| s.step).unwrap_or(0),
+            cursor: Default::default(),
+            adam_t: 0,
+            dual: None,
+            gamma: None,
+            bad_steps: 0,
+            config,
+        };
+        fsutil::write_atomic(
+            &tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(&state)?.as_bytes(),
+        )
+    })?;
+    let total: usize = hardened.moved.values().sum();
+    let numel: usize = quantizer
+        .grids
+        .keys()
+        .map(|n| o.params.vars[n].elem_count())
+        .sum();
+    if a.ckpt.json {
+        print_json(&serde_json::json!({
+            "out": a.out, "mode": if a.all { "all" } else { "selective" }, "atol": atol,
+            "moved": total, "numel": numel,
+            "tensors": hardened.moved.iter().map(|(n, m)| serde_json::json!({"name": n, "moved": m, "numel": o.params.vars[n].elem_count()})).collect::<Vec<_>>(),
+        }));
+    } else {
+        for (n, m) in &hardened.moved {
+            println!(
+                "{n:<44} moved {m:>10} of {:>10}",
+                o.params.vars[n].elem_count()
+            );
+        }
+        println!(
+            "hardened {} ({}): moved {total} of {numel} selected weights; wrote {}",
+            o.ckpt.dir.display(),
+            if a.all { "all" } else { "selective" },
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+/// For tests and tools: a CPU device.
+pub fn cpu() -> Device {
+    Device::Cpu
+}
+
+/// Is `p` a GGUF file path?
+pub fn is_gguf(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "gguf")
+}

@@ -1,0 +1,248 @@
+//! The TOML run configuration: schema (unknown keys are errors), defaults, validation, `--set` overrides.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::data::ValSize;
+use crate::quant::QuantConfig;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+    /// Absent: a plain full fine-tune (no quantization).
+    pub quant: Option<QuantConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// HF checkpoint directory or `.gguf` file.
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Alpaca JSON file: `[{instruction, input, output}]`.
+    pub path: PathBuf,
+    /// Validation split: a fraction of the records, or (if set) an exact record count.
+    #[serde(default = "d_val_fraction")]
+    pub val_fraction: f64,
+    pub val_records: Option<usize>,
+    #[serde(default = "d_split_seed")]
+    pub split_seed: u64,
+    #[serde(default = "d_seq")]
+    pub max_seq_length: usize,
+    /// Put the loss on the response only (LitGPT's Alpaca default in the seed run: false).
+    #[serde(default)]
+    pub mask_prompt: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// bf16 on CUDA (f32 master weights and optimizer state), f32 on CPU.
+    Auto,
+    F32,
+    Bf16Mixed,
+    Bf16True,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    pub out_dir: PathBuf,
+    pub micro_batch: usize,
+    pub global_batch: usize,
+    pub max_steps: usize,
+    /// Peak learning rate (explicit: the seed's silent torch default of 1e-3 is a pitfall, spec §12.17).
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub precision: Precision,
+    pub device: DeviceChoice,
+    /// Log (progress bar + metrics.jsonl) every N optimizer steps.
+    pub log_every: usize,
+    /// Save a checkpoint every N steps (0 = only at the end).
+    pub save_every: usize,
+    /// Stop after this many consecutive non-finite steps (each is skipped).
+    pub max_bad_steps: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            out_dir: "runs/default".into(),
+            micro_batch: 4,
+            global_batch: 128,
+            max_steps: 3000,
+            lr: 2e-5,
+            min_lr: 0.0,
+            warmup_steps: 100,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 1337,
+            precision: Precision::Auto,
+            device: DeviceChoice::Auto,
+            log_every: 10,
+            save_every: 0,
+            max_bad_steps: 5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    /// Evaluate every N optimizer steps (0 = only initial/final).
+    pub every: usize,
+    /// Batches of the fixed validation subset used by periodic evals.
+    pub max_batches: usize,
+    pub initial: bool,
+    /// Final validation over the whole validation split.
+    #[serde(rename = "final")]
+    pub final_full: bool,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            every: 100,
+            max_batches: 100,
+            initial: true,
+            final_full: true,
+        }
+    }
+}
+
+fn d_val_fraction() -> f64 {
+    0.03865
+}
+fn d_split_seed() -> u64 {
+    42
+}
+fn d_seq() -> usize {
+    256
+}
+
+impl Config {
+    /// Read a TOML file, apply `key=value` overrides, resolve paths relative to the file, validate.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let mut cfg = Self::parse(&text, overrides)
+            .with_context(|| format!("in config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.model.path, &mut cfg.data.path] {
+            if p.is_relative() && !p.exists() && base.join(&*p).exists() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Config> {
+        let mut value: toml::Value = toml::from_str(text).context("invalid TOML")?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let cfg: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.message()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        if t.micro_batch == 0 || t.global_batch == 0 || t.global_batch % t.micro_batch != 0 {
+            bail!(
+                "train.global_batch ({}) must be a positive multiple of train.micro_batch ({})",
+                t.global_batch,
+                t.micro_batch
+            );
+        }
+        if t.lr <= 0.0 || !t.lr.is_finite() || t.min_lr < 0.0 || t.min_lr > t.lr {
+            bail!(
+                "train.lr must be positive and train.min_lr in [0, lr] (lr {}, min_lr {})",
+                t.lr,
+                t.min_lr
+            );
+        }
+        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) || t.eps <= 0.0 {
+            bail!("train.beta1/beta2 must be in [0, 1) and train.eps positive");
+        }
+        if self.data.max_seq_length < 2 {
+            bail!("data.max_seq_length must be at least 2");
+        }
+        if t.max_steps == 0 {
+            bail!("train.max_steps must be at least 1");
+        }
+        if let Some(q) = &self.quant {
+            q.validate()?;
+        }
+        Ok(())
+    }
+
+    pub fn val_size(&self) -> ValSize {
+        match self.data.val_records {
+            Some(n) => ValSize::Records(n),
+            None => ValSize::Fraction(self.data.val_fraction),
+        }
+    }
+
+    pub fn accum(&self) -> usize {
+        self.train.global_batch / self.train.micro_batch
+    }
+}
+
+/// `section.key=value` (dotted path, TOML value; a bare word is taken as a string).
+pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .with_context(|| format!("--set {assignment:?} must look like section.key=value"))?;
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut node = root;
+    for part in &parts[..parts.len() - 1] {
+        let table = node
+            .as_table_mut()
+            .with_context(|| format!("--set {key}: `{part}` is not a table"))?;
+        node = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    let table = node
+        .as_table_mut()
+        .with_context(|| format!("--set {key}: parent is not a table"))?;
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! proxqat: quantization-aware training (Prox-QAT) of Llama-family models on candle.
+//!
+//! Data flows one way: config → (model, data stream, quant state) → step → metrics / checkpoint.
+//! Every parameter is known by its HF name everywhere.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod fsutil;
+pub mod metrics;
+pub mod model;
+pub mod quant;
+pub mod rng;
+pub mod train;

@@ -1,0 +1,239 @@
+//! The trainable Llama: master parameters as named `Var`s and a forward over a map of effective weights.
+//!
+//! The forward does not read the `Var`s directly: the caller hands it the weights to compute with
+//! (`Params::compute_weights`), which is where the compute dtype cast and the quantized views of
+//! Prox-QAT (forward at q(x), selective, STE) come in without copying the model.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use std::collections::BTreeMap;
+
+use super::config::LlamaConfig;
+use super::ops;
+
+/// The master parameters, keyed by HF name. f32 everywhere except f64 in gradient tests.
+pub struct Params {
+    pub vars: BTreeMap<String, Var>,
+}
+
+impl Params {
+    /// Wrap loaded tensors, checking names and shapes against the config (errors name the tensor).
+    pub fn from_tensors(
+        cfg: &LlamaConfig,
+        mut tensors: BTreeMap<String, Tensor>,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        for (name, shape) in cfg.param_shapes() {
+            let t = tensors.remove(&name).with_context(|| {
+                format!("the checkpoint lacks tensor `{name}` (expected shape {shape:?})")
+            })?;
+            if t.dims() != shape.as_slice() {
+                bail!(
+                    "tensor `{name}` has shape {:?}, the model config expects {shape:?}",
+                    t.dims()
+                );
+            }
+            vars.insert(name, Var::from_tensor(&t.to_dtype(dtype)?)?);
+        }
+        if cfg.tie_word_embeddings {
+            // Some HF exports store the tied head anyway; it is the embedding, so dropping it loses nothing.
+            tensors.remove("lm_head.weight");
+        }
+        if let Some(extra) = tensors.keys().next() {
+            bail!(
+                "the checkpoint has tensor `{extra}` that the model config does not use ({} unexpected in all)",
+                tensors.len()
+            );
+        }
+        Ok(Params { vars })
+    }
+
+    /// Random initialisation (normal, std 0.02; norms at 1), deterministic for a seed.
+    pub fn random(cfg: &LlamaConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut tensors = BTreeMap::new();
+        for (name, shape) in cfg.param_shapes() {
+            let t = if name.ends_with("norm.weight") {
+                Tensor::ones(shape.as_slice(), dtype, device)?
+            } else {
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = (0..n).map(|_| 0.02 * rng.normal() as f32).collect();
+                Tensor::from_vec(values, shape.as_slice(), device)?.to_dtype(dtype)?
+            };
+            tensors.insert(name, t);
+        }
+        Self::from_tensors(cfg, tensors, dtype)
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Var> {
+        self.vars
+            .get(name)
+            .with_context(|| format!("no parameter named `{name}`"))
+    }
+
+    /// The weights the forward computes with: each master weight passed through `view` (identity,
+    /// or a quantized view for the selected tensors), then cast to the compute dtype.
+    pub fn compute_weights(
+        &self,
+        dtype: DType,
+        mut view: impl FnMut(&str, &Tensor) -> Result<Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        self.vars
+            .iter()
+            .map(|(name, var)| Ok((name.clone(), view(name, var.as_tensor())?.to_dtype(dtype)?)))
+            .collect()
+    }
+
+    pub fn to_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+}
+
+/// Config plus the constants the forward needs (RoPE tables and causal mask, cached per length).
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub device: Device,
+    pub dtype: DType,
+    cache: std::sync::Mutex<BTreeMap<usize, (Tensor, Tensor, Tensor)>>,
+}
+
+impl Llama {
+    pub fn new(cfg: LlamaConfig, dtype: DType, device: &Device) -> Self {
+        Llama {
+            cfg,
+            device: device.clone(),
+            dtype,
+            cache: Default::default(),
+        }
+    }
+
+    fn constants(&self, seq_len: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut cache = self.cache.lock().expect("constant cache poisoned");
+        if let Some(c) = cache.get(&seq_len) {
+            return Ok(c.clone());
+        }
+        let (cos, sin) = ops::rope_tables(&self.cfg, seq_len, self.dtype, &self.device)?;
+        let mask = ops::causal_mask(seq_len, self.dtype, &self.device)?;
+        cache.insert(seq_len, (cos.clone(), sin.clone(), mask.clone()));
+        Ok((cos, sin, mask))
+    }
+
+    /// Hidden states after the final norm, `(B, T, d)`.
+    pub fn hidden(&self, w: &BTreeMap<String, Tensor>, ids: &Tensor) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = ids.dims2()?;
+        let (h, kv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let (cos, sin, mask) = self.constants(t)?;
+        let get = |name: String| {
+            w.get(&name)
+                .with_context(|| format!("missing weight `{name}`"))
+        };
+        let linear = |x: &Tensor, name: String| -> Result<Tensor> {
+            Ok(x.broadcast_matmul(&get(name)?.t()?)?)
+        };
+        let mut x =
+            get("model.embed_tokens.weight".into())?.index_select(&ids.flatten_all()?, 0)?;
+        x = x.reshape((b, t, cfg.hidden_size))?;
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let a = ops::rms_norm(
+                &x,
+                get(format!("{p}.input_layernorm.weight"))?,
+                cfg.rms_norm_eps,
+            )?;
+            let heads = |n: usize, proj: &str| -> Result<Tensor> {
+                Ok(linear(&a, format!("{p}.self_attn.{proj}.weight"))?
+                    .reshape((b, t, n, hd))?
+                    .transpose(1, 2)?)
+            };
+            let q = ops::rope(&heads(h, "q_proj")?.contiguous()?, &cos, &sin)?;
+            let k = ops::rope(&heads(kv, "k_proj")?.contiguous()?, &cos, &sin)?;
+            let v = heads(kv, "v_proj")?.contiguous()?;
+            let att = ops::causal_attention(&q, &k, &v, &mask)?;
+            let att = att.transpose(1, 2)?.reshape((b, t, h * hd))?;
+            x = (x + linear(&att, format!("{p}.self_attn.o_proj.weight"))?)?;
+            let m = ops::rms_norm(
+                &x,
+                get(format!("{p}.post_attention_layernorm.weight"))?,
+                cfg.rms_norm_eps,
+            )?;
+            let act = ops::swiglu(
+                &linear(&m, format!("{p}.mlp.gate_proj.weight"))?,
+                &linear(&m, format!("{p}.mlp.up_proj.weight"))?,
+            )?;
+            x = (x + linear(&act, format!("{p}.mlp.down_proj.weight"))?)?;
+        }
+        Ok(ops::rms_norm(
+            &x,
+            get("model.norm.weight".into())?,
+            cfg.rms_norm_eps,
+        )?)
+    }
+
+    fn head<'a>(&self, w: &'a BTreeMap<String, Tensor>) -> Result<&'a Tensor> {
+        let name = if self.cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        w.get(name)
+            .with_context(|| format!("missing weight `{name}`"))
+    }
+
+    /// Logits `(B, T, V)` in the compute dtype.
+    pub fn logits(&self, w: &BTreeMap<String, Tensor>, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.hidden(w, ids)?.broadcast_matmul(&self.head(w)?.t()?)?)
+    }
+
+    /// Token-mean next-token cross-entropy: position t predicts `labels[t + 1]` (−100 = ignored).
+    /// `labels` is row-major `(B, T)`. Returns the loss and the number of counted targets.
+    pub fn loss(
+        &self,
+        w: &BTreeMap<String, Tensor>,
+        ids: &Tensor,
+        labels: &[i64],
+    ) -> Result<(Tensor, usize)> {
+        let (b, t) = ids.dims2()?;
+        let hidden = self.hidden(w, ids)?.narrow(1, 0, t - 1)?;
+        let targets: Vec<i64> = (0..b)
+            .flat_map(|r| labels[r * t + 1..(r + 1) * t].iter().copied())
+            .collect();
+        let logits = hidden
+            .reshape((b * (t - 1), self.cfg.hidden_size))?
+            .matmul(&self.head(w)?.t()?)?;
+        Ok(ops::cross_entropy(&logits, &targets)?)
+    }
+
+    /// Greedy decoding (no KV cache: prompts and completions here are short).
+    pub fn generate(
+        &self,
+        w: &BTreeMap<String, Tensor>,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>> {
+        let mut ids = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let input = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+            let hidden = self.hidden(w, &input)?;
+            let last = hidden.narrow(1, ids.len() - 1, 1)?.squeeze(1)?;
+            let logits = last.matmul(&self.head(w)?.t()?)?.to_dtype(DType::F32)?;
+            let next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
+            if stop.contains(&next) {
+                break;
+            }
+            ids.push(next);
+            out.push(next);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,10 @@
+//! The trainable Llama family and its checkpoint formats.
+
+pub mod config;
+pub mod gguf;
+pub mod io;
+pub mod llama;
+pub mod ops;
+
+pub use config::LlamaConfig;
+pub use llama::{Llama, Params};

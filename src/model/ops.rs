@@ -1,0 +1,149 @@
+//! The Llama building blocks, each written with candle primitives that carry a backward.
+//!
+//! candle's fused `rms_norm`, `softmax_last_dim` and `rope` have no backward and silently stop the
+//! gradient (../shared/gpu-build.md), so none of them is used here. Statistics (RMS, softmax, the loss)
+//! are computed in f32 (or f64 in tests) whatever the compute dtype.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::config::LlamaConfig;
+
+/// The dtype statistics are accumulated in: f64 stays f64 (finite-difference tests), else f32.
+fn stat_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xs = x.to_dtype(stat_dtype(dtype))?;
+    let inv_rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    xs.broadcast_mul(&inv_rms)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)
+}
+
+/// RoPE angle tables `(cos, sin)`, each `(seq_len, head_dim)` in the rotate-half layout HF uses.
+pub fn rope_tables(
+    cfg: &LlamaConfig,
+    seq_len: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| {
+            let freq = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
+            match &cfg.rope_scaling {
+                None => freq,
+                Some(s) => {
+                    // Llama-3 scaling: keep high frequencies, divide low ones by `factor`, blend between.
+                    let old = s.original_max_position_embeddings as f64;
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    if wavelen < old / s.high_freq_factor {
+                        freq
+                    } else if wavelen > old / s.low_freq_factor {
+                        freq / s.factor
+                    } else {
+                        let smooth = (old / wavelen - s.low_freq_factor)
+                            / (s.high_freq_factor - s.low_freq_factor);
+                        (1.0 - smooth) * freq / s.factor + smooth * freq
+                    }
+                }
+            }
+        })
+        .collect();
+    let mut cos = Vec::with_capacity(seq_len * cfg.head_dim);
+    let mut sin = Vec::with_capacity(seq_len * cfg.head_dim);
+    for t in 0..seq_len {
+        for _ in 0..2 {
+            for f in &inv_freq {
+                let a = t as f64 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    let shape = (seq_len, cfg.head_dim);
+    Ok((
+        Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Rotate-half RoPE on `x: (B, H, T, D)` with tables `(T, D)`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Softmax over the last dimension. The max is subtracted detached: softmax does not depend on it.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `(T, T)` additive causal mask: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(seq_len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| (0..seq_len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (seq_len, seq_len), device)?.to_dtype(dtype)
+}
+
+/// Causal GQA attention. `q: (B, H, T, D)`, `k, v: (B, KV, T, D)`; returns `(B, H, T, D)`.
+/// Scores and softmax are in f32 (f64 in tests) whatever the compute dtype.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let group = h / kv;
+    // Group the query heads that share a KV head so K and V are used without being copied.
+    let q = q.reshape((b, kv, group * t, d))?;
+    let scores = q.matmul(&k.t()?)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
+    let scores = scores
+        .reshape((b, kv, group, t, t))?
+        .to_dtype(stat_dtype(q.dtype()))?;
+    let probs = softmax_last_dim(&scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?)?;
+    let probs = probs.to_dtype(q.dtype())?.reshape((b, kv, group * t, t))?;
+    probs.matmul(v)?.reshape((b, h, t, d))
+}
+
+/// SwiGLU: `silu(gate) * up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
+}
+
+/// Token-mean cross-entropy of `logits: (N, V)` against `targets` (N values, −100 = ignore).
+/// Returns `(loss, number of counted targets)`; the loss is 0 when nothing is counted.
+pub fn cross_entropy(logits: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)> {
+    let device = logits.device();
+    let logits = logits.to_dtype(stat_dtype(logits.dtype()))?;
+    let counted = targets.iter().filter(|&&t| t >= 0).count();
+    let index: Vec<u32> = targets.iter().map(|&t| t.max(0) as u32).collect();
+    let keep: Vec<f32> = targets
+        .iter()
+        .map(|&t| if t >= 0 { 1.0 } else { 0.0 })
+        .collect();
+    let n = targets.len();
+    let index = Tensor::from_vec(index, (n, 1), device)?;
+    let keep = Tensor::from_vec(keep, n, device)?.to_dtype(logits.dtype())?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&index, D::Minus1)?;
+    let nll = (log_sum_exp - picked)?.squeeze(D::Minus1)?;
+    let loss = (nll * keep)?
+        .sum_all()?
+        .affine(1.0 / counted.max(1) as f64, 0.0)?;
+    Ok((loss, counted))
+}

@@ -1,0 +1,319 @@
+//! The fine-tune loop: build everything from the config (or a checkpoint), then step, log, evaluate
+//! and save.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod schedule;
+pub mod step;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+use crate::config::{Config, DeviceChoice, Precision};
+use crate::data::{self, Batch, Cursor, Encoder, TrainStream};
+use crate::eval;
+use crate::metrics::Metrics;
+use crate::model::io::LoadedModel;
+use crate::model::{Llama, LlamaConfig, Params};
+use crate::quant::{DualState, GammaState, Quantizer, Sensitivity, View};
+use checkpoint::{SaveParts, TrainerState};
+use optim::AdamW;
+
+/// The device a config asks for.
+pub fn pick_device(choice: DeviceChoice) -> Result<Device> {
+    Ok(match choice {
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda => Device::new_cuda(0).context("train.device = \"cuda\" but no CUDA device could be opened (is this a --features cuda build?)")?,
+        DeviceChoice::Auto => Device::cuda_if_available(0)?,
+    })
+}
+
+/// (master dtype, compute dtype) for a precision on a device.
+pub fn dtypes(precision: Precision, device: &Device) -> (DType, DType) {
+    match precision {
+        Precision::F32 => (DType::F32, DType::F32),
+        Precision::Bf16Mixed => (DType::F32, DType::BF16),
+        Precision::Bf16True => (DType::BF16, DType::BF16),
+        Precision::Auto if device.is_cuda() => (DType::F32, DType::BF16),
+        Precision::Auto => (DType::F32, DType::F32),
+    }
+}
+
+/// Prox-QAT state that evolves during training.
+pub struct QuantRun {
+    pub quantizer: Quantizer,
+    pub sens: Sensitivity,
+    pub dual: DualState,
+    pub gamma: GammaState,
+}
+
+pub struct Trainer {
+    pub cfg: Config,
+    pub model: Llama,
+    pub params: Params,
+    pub compute_dtype: DType,
+    pub opt: AdamW,
+    pub quant: Option<QuantRun>,
+    pub stream: TrainStream,
+    pub val: Vec<Batch>,
+    pub val_all: Vec<Batch>,
+    pub step: usize,
+    pub bad_steps: usize,
+    pub tokenizer: Tokenizer,
+    pub model_cfg: LlamaConfig,
+}
+
+impl Trainer {
+    /// Build a fresh run from the config, or continue the checkpoint at `resume`.
+    pub fn new(cfg: Config, resume: Option<&Path>) -> Result<Self> {
+        let device = pick_device(cfg.train.device)?;
+        let (master, compute) = dtypes(cfg.train.precision, &device);
+        let ckpt = resume.map(checkpoint::load).transpose()?;
+        let state = ckpt.as_ref().and_then(|c| c.state.clone());
+        if ckpt.is_some() && state.is_none() {
+            bail!(
+                "--resume: {} has no trainer_state.json (it is not a proxqat training checkpoint)",
+                resume.unwrap_or(Path::new("")).display()
+            );
+        }
+        let loaded = match &ckpt {
+            Some(c) => LoadedModel {
+                cfg: c.model.cfg.clone(),
+                tensors: c.model.tensors.clone(),
+                tokenizer: c.model.tokenizer.clone(),
+            },
+            None => crate::model::io::load_model(&cfg.model.path)?,
+        };
+        let vocab = loaded.tokenizer.get_vocab_size(true);
+        if vocab > loaded.cfg.vocab_size {
+            bail!(
+                "the tokenizer has {vocab} tokens but the model's vocab_size is {}: they do not belong together (check model.path)",
+                loaded.cfg.vocab_size
+            );
+        }
+        let tensors: BTreeMap<String, Tensor> = loaded
+            .tensors
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(&device)?)))
+            .collect::<Result<_>>()?;
+        let params = Params::from_tensors(&loaded.cfg, tensors, master)?;
+        let model = Llama::new(loaded.cfg.clone(), compute, &device);
+
+        let records = data::alpaca::load_records(&cfg.data.path)?;
+        let (train, val) = data::split(records, cfg.val_size(), cfg.data.split_seed)
+            .with_context(|| format!("splitting {}", cfg.data.path.display()))?;
+        let eos_id =
+            *loaded.cfg.eos_token_ids.first().context(
+                "the model config has no eos_token_id; the data needs one to end responses",
+            )?;
+        let encoder = Encoder {
+            tokenizer: loaded.tokenizer.clone(),
+            eos_id,
+            max_seq_length: cfg.data.max_seq_length,
+            mask_prompt: cfg.data.mask_prompt,
+        };
+        let mb = cfg.train.micro_batch;
+        let val_subset = data::val_batches(&val, &encoder, mb, Some(cfg.eval.max_batches))?;
+        let val_all = data::val_batches(&val, &encoder, mb, None)?;
+        let cursor = state.as_ref().map(|s| s.cursor).unwrap_or_default();
+        let stream = TrainStream::new(train, encoder, cfg.train.seed, cursor);
+
+        let t = &cfg.train;
+        let mut opt = AdamW::new(t.beta1, t.beta2, t.eps, t.weight_decay);
+        let quant = match &cfg.quant {
+            None => None,
+            Some(qcfg) => {
+                let empty = BTreeMap::new();
+                let stored = ckpt.as_ref().map(|c| &c.quant).unwrap_or(&empty);
+                let quantizer = Quantizer::from_scales(qcfg, &params, stored)?;
+                let mut sens = Sensitivity::default();
+                for name in quantizer.grids.keys() {
+                    if let Some(s) = stored.get(&format!("sens.{name}")) {
+                        sens.values
+                            .insert(name.clone(), s.to_device(&device)?.reshape(())?);
+                    }
+                }
+                let dual = state
+                    .as_ref()
+                    .and_then(|s| s.dual.clone())
+                    .unwrap_or_else(|| qcfg.dual.init());
+                let gamma = state
+                    .as_ref()
+                    .and_then(|s| s.gamma.clone())
+                    .unwrap_or_else(|| qcfg.gamma.init());
+                Some(QuantRun {
+                    quantizer,
+                    sens,
+                    dual,
+                    gamma,
+                })
+            }
+        };
+        if let (Some(c), Some(s)) = (&ckpt, &state) {
+            opt.t = s.adam_t;
+            for name in params.vars.keys() {
+                for (slot, map) in [("m", &mut opt.m), ("v", &mut opt.v)] {
+                    if let Some(t) = c.optimizer.get(&format!("{slot}.{name}")) {
+                        map.insert(name.clone(), t.to_device(&device)?);
+                    }
+                }
+            }
+        }
+        Ok(Trainer {
+            step: state.as_ref().map(|s| s.step).unwrap_or(0),
+            bad_steps: state.as_ref().map(|s| s.bad_steps).unwrap_or(0),
+            cfg,
+            model,
+            params,
+            compute_dtype: compute,
+            opt,
+            quant,
+            stream,
+            val: val_subset,
+            val_all,
+            tokenizer: loaded.tokenizer,
+            model_cfg: loaded.cfg,
+        })
+    }
+
+    /// Validation losses (fp, and q / fsq when quantizing) on the given batches.
+    pub fn evaluate(&self, batches: &[Batch]) -> Result<eval::Losses> {
+        eval::losses(
+            &self.model,
+            &self.params,
+            self.quant.as_ref().map(|q| &q.quantizer),
+            batches,
+        )
+    }
+
+    pub fn save(&self) -> Result<PathBuf> {
+        let state = TrainerState {
+            step: self.step,
+            cursor: self.stream.cursor,
+            adam_t: self.opt.t,
+            dual: self.quant.as_ref().map(|q| q.dual.clone()),
+            gamma: self.quant.as_ref().map(|q| q.gamma.clone()),
+            bad_steps: self.bad_steps,
+            config: self.cfg.clone(),
+        };
+        let mut optimizer = BTreeMap::new();
+        for (slot, map) in [("m", &self.opt.m), ("v", &self.opt.v)] {
+            for (name, t) in map {
+                optimizer.insert(format!("{slot}.{name}"), t.clone());
+            }
+        }
+        let mut quant = BTreeMap::new();
+        if let Some(q) = &self.quant {
+            quant.extend(q.quantizer.scale_tensors());
+            for (name, s) in &q.sens.values {
+                quant.insert(format!("sens.{name}"), s.reshape(1)?);
+            }
+        }
+        let model = LoadedModel {
+            cfg: self.model_cfg.clone(),
+            tensors: self.params.to_tensors(),
+            tokenizer: self.tokenizer.clone(),
+        };
+        checkpoint::save(
+            &self.cfg.train.out_dir,
+            &model,
+            SaveParts {
+                state: &state,
+                optimizer,
+                quant,
+            },
+        )
+    }
+
+    /// Train to `max_steps` with progress, metrics, evals and checkpoints.
+    pub fn run(&mut self) -> Result<()> {
+        let t = self.cfg.train.clone();
+        std::fs::create_dir_all(&t.out_dir)
+            .with_context(|| format!("creating out_dir {}", t.out_dir.display()))?;
+        let mut metrics = Metrics::open(&t.out_dir.join("metrics.jsonl"), t.max_steps, self.step)?;
+        tracing::info!(params = self.model_cfg.num_params(), device = ?self.model.device, dtype = ?self.compute_dtype,
+            accum = self.cfg.accum(), selected = self.quant.as_ref().map(|q| q.quantizer.grids.len()).unwrap_or(0), "training");
+        if self.step == 0 && self.cfg.eval.initial {
+            let losses = self.evaluate(&self.val_all)?;
+            metrics.eval(self.step, "initial", &losses)?;
+        }
+        let started = std::time::Instant::now();
+        let mut tokens_since = 0usize;
+        while self.step < t.max_steps {
+            let report = self.step()?;
+            tokens_since += report.tokens;
+            let done = self.step;
+            if done % t.log_every.max(1) == 0 || done == t.max_steps {
+                let extra = self.log_extras()?;
+                metrics.step(
+                    &report,
+                    extra,
+                    tokens_since as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                )?;
+            }
+            if self.cfg.eval.every > 0 && done % self.cfg.eval.every == 0 && done < t.max_steps {
+                let losses = self.evaluate(&self.val)?;
+                metrics.eval(done, "periodic", &losses)?;
+            }
+            if t.save_every > 0 && done % t.save_every == 0 && done < t.max_steps {
+                let dir = self.save()?;
+                metrics.note(&format!("saved {}", dir.display()));
+            }
+        }
+        if self.stream.truncated > 0 {
+            tracing::warn!(
+                records = self.stream.truncated,
+                max_seq_length = self.cfg.data.max_seq_length,
+                "training records were truncated to max_seq_length"
+            );
+        }
+        if self.cfg.eval.final_full {
+            let losses = self.evaluate(&self.val_all)?;
+            metrics.eval(self.step, "final", &losses)?;
+        }
+        let dir = self.save()?;
+        metrics.finish(&format!("saved {}", dir.display()));
+        Ok(())
+    }
+
+    /// Values only read at log steps (each costs a device sync): sensitivity mean/max.
+    fn log_extras(&self) -> Result<serde_json::Value> {
+        let mut out = serde_json::json!({});
+        if let Some(q) = &self.quant {
+            if let Some((mean, max)) = q.sens.mean_max()? {
+                out["sens_mean"] = (mean.to_dtype(DType::F64)?.to_scalar::<f64>()?).into();
+                out["sens_max"] = (max.to_dtype(DType::F64)?.to_scalar::<f64>()?).into();
+            }
+        }
+        Ok(out)
+    }
+
+    /// The forward view of the selected weights during training.
+    pub fn train_view(&self) -> View {
+        use crate::quant::{GradAt, Method};
+        match &self.quant {
+            None => View::Float,
+            Some(q) => match (q.quantizer.cfg.method, q.quantizer.cfg.grad_at) {
+                (Method::Fp, _) => View::Float,
+                (Method::Ste, _) | (Method::Prox, GradAt::Q) => View::Hard,
+                (Method::Prox, GradAt::Selective) => View::Selective(q.quantizer.cfg.atol),
+                (Method::Prox, GradAt::X) => View::Float,
+            },
+        }
+    }
+}
+
+/// `proxqat train`: build and run.
+pub fn train(cfg: Config, resume: Option<PathBuf>) -> Result<()> {
+    let resume = resume.map(|p| checkpoint::resolve(&p)).transpose()?;
+    let mut trainer = Trainer::new(cfg, resume.as_deref())?;
+    trainer.run()
+}
+
+/// The start of a cursor, for tests that compare streams.
+pub fn fresh_cursor() -> Cursor {
+    Cursor::default()
+}

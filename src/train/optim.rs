@@ -1,0 +1,101 @@
+//! AdamW with f32 state (PyTorch's formula), plus the Prox-QAT override for selected tensors (spec §7):
+//! the same moments advance from the same gradient, but the applied update is
+//! `x − η·(pull·(x − q) + λ·(AdamDir + wd·x))`.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor, Var};
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Optimizer steps taken (the bias-correction exponent).
+    pub t: u64,
+    pub m: BTreeMap<String, Tensor>,
+    pub v: BTreeMap<String, Tensor>,
+}
+
+/// How a parameter's AdamW result is applied.
+pub enum Update<'a> {
+    /// `x − η·(AdamDir + wd·x)`.
+    Plain,
+    /// `x − η·(pull·(x − q) + task_scale·(AdamDir + wd·x))`; `pull` is a 0-d tensor, already
+    /// clamped so that η·pull ≤ 1.
+    Prox {
+        task_scale: f64,
+        pull: &'a Tensor,
+        q: &'a Tensor,
+    },
+}
+
+impl AdamW {
+    pub fn new(beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
+        AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            t: 0,
+            m: BTreeMap::new(),
+            v: BTreeMap::new(),
+        }
+    }
+
+    /// Weight decay applies to matrices only (≥ 2-D: embeddings and projections), never to norm gains.
+    pub fn decays(x: &Tensor) -> bool {
+        x.rank() >= 2
+    }
+
+    /// Call once per optimizer step, before the `update`s of that step.
+    pub fn begin_step(&mut self) {
+        self.t += 1;
+    }
+
+    pub fn update(
+        &mut self,
+        name: &str,
+        var: &Var,
+        grad: &Tensor,
+        lr: f64,
+        how: Update,
+    ) -> Result<()> {
+        let g = grad.to_dtype(DType::F32)?;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let m = match self.m.get(name) {
+            Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
+            None => (&g * (1.0 - b1))?,
+        };
+        let v = match self.v.get(name) {
+            Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
+            None => (g.sqr()? * (1.0 - b2))?,
+        };
+        let bc1 = 1.0 - b1.powi(self.t as i32);
+        let bc2 = 1.0 - b2.powi(self.t as i32);
+        let dir = ((&m / bc1)? / ((v.sqrt()? / bc2.sqrt())? + self.eps)?)?;
+        let x = var.as_tensor().to_dtype(DType::F32)?;
+        let wd = if Self::decays(&x) {
+            self.weight_decay
+        } else {
+            0.0
+        };
+        let task = if wd > 0.0 { (dir + (&x * wd)?)? } else { dir };
+        let next = match how {
+            Update::Plain => (&x - (task * lr)?)?,
+            Update::Prox {
+                task_scale,
+                pull,
+                q,
+            } => {
+                let toward_grid = (&x - q.to_dtype(DType::F32)?)?.broadcast_mul(pull)?;
+                (&x - ((toward_grid + (task * task_scale)?)? * lr)?)?
+            }
+        };
+        var.set(&next.to_dtype(var.dtype())?)?;
+        self.m.insert(name.to_string(), m);
+        self.v.insert(name.to_string(), v);
+        Ok(())
+    }
+}

@@ -1,0 +1,213 @@
+//! One optimizer step, in the order of spec §13. The only host read is one pair of scalars (mean loss,
+//! grad norm) after the micro-batches: it feeds the NaN guard and the λ controller.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+use super::optim::Update;
+use super::{schedule, Trainer};
+use crate::quant::{dist_loss, harden, stats, Method, Pull, View};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StepReport {
+    pub step: usize,
+    /// Mean task loss over the step's micro-batches (at the weights the forward used).
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub tokens: usize,
+    pub skipped: bool,
+    pub lambda: Option<f64>,
+    pub gamma: Option<f64>,
+    pub hit_rate: Option<f64>,
+    pub sat_rate: Option<f64>,
+    pub prox_clamped: Option<bool>,
+}
+
+impl Trainer {
+    pub fn step(&mut self) -> Result<StepReport> {
+        let k = self.step;
+        let t = self.cfg.train.clone();
+        let accum = self.cfg.accum();
+        // 1. Learning rate; the one-shot hardening.
+        let lr = schedule::lr_at(k, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
+        if let Some(q) = &self.quant {
+            if q.quantizer.cfg.harden_at == Some(k) {
+                harden::harden(&self.params, &q.quantizer, View::Hard)?;
+            }
+        }
+
+        // 2. Micro-batches: forward at the training view, backward f/accum, accumulate gradients.
+        let view = self.train_view();
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut loss_sum = Tensor::zeros((), DType::F32, &self.model.device)?;
+        let mut tokens = 0;
+        for _ in 0..accum {
+            let batch = self.stream.next_batch(t.micro_batch)?;
+            tokens += batch.rows * batch.cols;
+            let ids = Tensor::from_vec(
+                batch.ids.clone(),
+                (batch.rows, batch.cols),
+                &self.model.device,
+            )?;
+            let quantizer = self.quant.as_ref().map(|q| &q.quantizer);
+            let weights =
+                self.params
+                    .compute_weights(self.compute_dtype, |name, x| match quantizer {
+                        Some(qz) => qz.view(name, x, view, true),
+                        None => Ok(x.clone()),
+                    })?;
+            let (loss, _) = self.model.loss(&weights, &ids, &batch.labels)?;
+            let step_grads = (&loss / accum as f64)?.backward()?;
+            for (name, var) in &self.params.vars {
+                if let Some(g) = step_grads.get(var.as_tensor()) {
+                    let g = g.to_dtype(DType::F32)?;
+                    let sum = match grads.remove(name) {
+                        Some(prev) => (prev + g)?,
+                        None => g,
+                    };
+                    grads.insert(name.clone(), sum);
+                }
+            }
+            loss_sum = (loss_sum + loss.detach().to_dtype(DType::F32)?)?;
+        }
+
+        // 3. Clip the global gradient norm (on the device: the factor is a 0-d tensor).
+        let norm = grads
+            .values()
+            .map(|g| g.sqr()?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = Tensor::stack(&norm, 0)?.sum_all()?.sqrt()?;
+        if t.grad_clip > 0.0 {
+            let factor = ((&norm + 1e-6)?.recip()? * t.grad_clip)?.minimum(1.0)?;
+            for g in grads.values_mut() {
+                *g = g.broadcast_mul(&factor)?;
+            }
+        }
+        let host = Tensor::stack(&[(loss_sum / accum as f64)?, norm], 0)?.to_vec1::<f32>()?;
+        let (loss, grad_norm) = (host[0] as f64, host[1] as f64);
+        let mut report = StepReport {
+            step: k + 1,
+            loss,
+            grad_norm,
+            lr,
+            tokens,
+            ..Default::default()
+        };
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            // NaN/Inf guard: skip the update entirely (the prox override included, spec §12.13).
+            self.bad_steps += 1;
+            report.skipped = true;
+            tracing::warn!(
+                step = k + 1,
+                loss,
+                grad_norm,
+                "non-finite loss or gradient: step skipped"
+            );
+            if self.bad_steps >= t.max_bad_steps {
+                bail!(
+                    "{} consecutive steps had a non-finite loss or gradient norm (last: loss {loss}, grad norm {grad_norm}); stopping. \
+                     The last checkpoint is intact. Likely causes: train.lr too high, or a quant grid step too small for the weights",
+                    self.bad_steps
+                );
+            }
+            self.step += 1;
+            return Ok(report);
+        }
+        self.bad_steps = 0;
+
+        self.opt.begin_step();
+        match &mut self.quant {
+            None => {
+                for (name, var) in &self.params.vars {
+                    self.opt
+                        .update(name, var, &grads[name], lr, Update::Plain)?;
+                }
+            }
+            Some(q) => {
+                let qc = q.quantizer.cfg.clone();
+                let names = q.quantizer.names();
+                // 4. Sensitivity EMA from the clipped task gradients; pull weights s_i.
+                let selected_grads: BTreeMap<String, Tensor> = names
+                    .iter()
+                    .map(|n| (n.clone(), grads[n].clone()))
+                    .collect();
+                if qc.method == Method::Prox && qc.sens.enable {
+                    q.sens.update(qc.sens.ema, &selected_grads)?;
+                }
+                let weights = q.sens.weights(&qc.sens, &names)?;
+                // 5. Pull gain c_k = c·γ_k (γ off: c).
+                let gain = qc.gamma.gain(&q.gamma, k);
+                let pull = qc.dist_scale * gain;
+                let lambda = q.dual.lambda;
+                // 6. Optimizer step with the method's treatment of the selected tensors.
+                for (name, var) in &self.params.vars {
+                    let g = &grads[name];
+                    let selected = q.quantizer.grids.contains_key(name);
+                    match (qc.method, qc.pull, selected) {
+                        (Method::Prox, Pull::Loss, _) => {
+                            let mut total = (g * lambda)?;
+                            if selected && pull > 0.0 {
+                                let x = var.as_tensor();
+                                let qx = q.quantizer.q(name, x)?;
+                                let w = weights[name].to_device(x.device())?;
+                                total = (total
+                                    + dist_loss::grad(
+                                        &x.to_dtype(DType::F32)?,
+                                        &qx.to_dtype(DType::F32)?,
+                                        &w,
+                                        names.len(),
+                                        pull,
+                                    )?)?;
+                            }
+                            self.opt.update(name, var, &total, lr, Update::Plain)?;
+                        }
+                        (Method::Prox, Pull::Prox, true) => {
+                            let x = var.as_tensor();
+                            let qx = q.quantizer.q(name, x)?;
+                            let coef = dist_loss::prox_coefficient(
+                                pull,
+                                &weights[name].to_device(x.device())?,
+                                lr,
+                            )?;
+                            self.opt.update(
+                                name,
+                                var,
+                                g,
+                                lr,
+                                Update::Prox {
+                                    task_scale: lambda,
+                                    pull: &coef,
+                                    q: &qx,
+                                },
+                            )?;
+                        }
+                        _ => self.opt.update(name, var, g, lr, Update::Plain)?,
+                    }
+                }
+                if qc.method == Method::Prox {
+                    report.prox_clamped = Some(pull * qc.sens.w_max * lr >= 1.0);
+                    // 7. λ from the mean micro-batch loss this step already computed.
+                    qc.dual.update(&mut q.dual, loss);
+                    report.lambda = Some(q.dual.lambda);
+                    report.gamma = qc.gamma.enable.then_some(q.gamma.gamma);
+                }
+                // 8. Stats every `stats_every` steps, feeding γ.
+                let done = k + 1;
+                let gamma_due = qc.gamma.enable && done % qc.gamma.every == 0;
+                if done % qc.stats_every == 0 || gamma_due {
+                    let s = stats::compute(&self.params, &q.quantizer, qc.atol)?;
+                    report.hit_rate = Some(s.total.hit_rate);
+                    report.sat_rate = Some(s.total.sat_rate);
+                    if gamma_due && qc.method == Method::Prox {
+                        qc.gamma.update(&mut q.gamma, s.total.hit_rate, done);
+                    }
+                }
+            }
+        }
+        self.step += 1;
+        Ok(report)
+    }
+}

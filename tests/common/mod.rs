@@ -1,0 +1,98 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The real assets; fetched by scripts/fetch-assets.sh (registries only) when missing.
+/// A test that needs them fails loudly if they cannot be had: it never passes silently.
+pub fn assets() -> PathBuf {
+    let dir = repo().join("assets");
+    let needed = [
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "alpaca_en_demo.json",
+        "llama3.2-tokenizer.json",
+        "llama3-tokenizer.model",
+    ];
+    if !needed.iter().all(|f| dir.join(f).is_file()) {
+        eprintln!("assets missing: running scripts/fetch-assets.sh");
+        let ok = Command::new("bash")
+            .arg(repo().join("scripts/fetch-assets.sh"))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "scripts/fetch-assets.sh failed: these tests need the real assets (../shared/assets.md)");
+    }
+    dir
+}
+
+/// The Python that has numpy, gguf and tiktoken (scripts/test.sh sets PROXQAT_PYTHON to its venv).
+pub fn python() -> String {
+    let py = std::env::var("PROXQAT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import numpy, gguf, tiktoken"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "{py} lacks numpy/gguf/tiktoken: run the tests through scripts/test.sh, which installs them");
+    py
+}
+
+pub fn run_python(args: &[&str]) -> String {
+    let out = Command::new(python())
+        .args(args)
+        .output()
+        .expect("running python");
+    assert!(
+        out.status.success(),
+        "python {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Deterministic pseudo-random f64 tensor.
+pub fn randn(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+    let mut rng = proxqat::rng::Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| scale * rng.normal()).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A tiny word-level tokenizer (`w0 .. w{n-1}`), enough for checkpoint round trips.
+pub fn tiny_tokenizer(n: usize) -> tokenizers::Tokenizer {
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..n)
+        .map(|i| (format!("w{i}"), (i as u64).into()))
+        .collect();
+    let json = serde_json::json!({"version": "1.0", "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null, "truncation": null, "padding": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
+    json.to_string().parse().unwrap()
+}
+
+pub fn to_vec_f64(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_proxqat")
+}
+
+pub fn run_bin(args: &[&str], cwd: &Path) -> std::process::Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(cwd)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running proxqat")
+}

@@ -1,0 +1,252 @@
+//! Every op and a whole tiny Llama against central finite differences in f64.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{randn, to_vec_f64};
+use proxqat::model::{ops, Llama, LlamaConfig, Params};
+
+/// Compare autograd's gradient of `f` at `x0` with central differences on up to `probes` entries.
+fn check(name: &str, x0: &Tensor, probes: usize, f: impl Fn(&Tensor) -> Tensor) {
+    let var = Var::from_tensor(x0).unwrap();
+    let grads = f(var.as_tensor()).backward().unwrap();
+    let analytic = to_vec_f64(
+        grads
+            .get(var.as_tensor())
+            .expect("gradient reaches the input"),
+    );
+    let base = to_vec_f64(x0);
+    let n = base.len();
+    let h = 1e-5;
+    let mut rng = proxqat::rng::Rng::new(7);
+    let mut worst = 0f64;
+    for p in 0..probes.min(n) {
+        let i = if probes >= n { p } else { rng.below(n) };
+        let at = |delta: f64| {
+            let mut v = base.clone();
+            v[i] += delta;
+            let t = Tensor::from_vec(v, x0.shape(), &Device::Cpu).unwrap();
+            f(&t).to_scalar::<f64>().unwrap()
+        };
+        let numeric = (at(h) - at(-h)) / (2.0 * h);
+        let err = (numeric - analytic[i]).abs() / (1e-6 + numeric.abs().max(analytic[i].abs()));
+        worst = worst.max(err);
+        assert!(
+            err < 1e-5,
+            "{name}: entry {i}: finite difference {numeric} vs autograd {}",
+            analytic[i]
+        );
+    }
+    assert!(
+        analytic.iter().any(|g| *g != 0.0),
+        "{name}: gradient is identically zero"
+    );
+    eprintln!("{name}: worst relative error {worst:.2e}");
+}
+
+/// A scalar that weighs every output entry differently, so no gradient cancels by symmetry.
+fn probe(y: &Tensor, seed: u64) -> Tensor {
+    (y * randn(y.dims(), seed, 1.0)).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn rms_norm_matches_finite_differences() {
+    let x = randn(&[2, 3, 8], 1, 1.0);
+    let w = randn(&[8], 2, 1.0);
+    check("rms_norm dx", &x, 48, |x| {
+        probe(&ops::rms_norm(x, &w, 1e-5).unwrap(), 3)
+    });
+    check("rms_norm dw", &w, 8, |w| {
+        probe(&ops::rms_norm(&x, w, 1e-5).unwrap(), 3)
+    });
+}
+
+#[test]
+fn rope_matches_finite_differences() {
+    let mut cfg = LlamaConfig::tiny(32, true);
+    cfg.head_dim = 8;
+    let (cos, sin) = ops::rope_tables(&cfg, 5, DType::F64, &Device::Cpu).unwrap();
+    let x = randn(&[1, 2, 5, 8], 4, 1.0);
+    check("rope", &x, 80, |x| {
+        probe(&ops::rope(x, &cos, &sin).unwrap(), 5)
+    });
+}
+
+#[test]
+fn llama3_rope_scaling_matches_reference_frequencies() {
+    // Reference values of HF's _compute_llama3_parameters for Llama-3.2-1B, recomputed in f64 here.
+    let cfg = LlamaConfig::llama_3_2_1b();
+    let (cos, _) = ops::rope_tables(&cfg, 2, DType::F64, &Device::Cpu).unwrap();
+    let row1 = to_vec_f64(&cos.get(1).unwrap());
+    let s = cfg.rope_scaling.clone().unwrap();
+    for i in 0..32 {
+        let f = 1.0 / 500_000f64.powf(2.0 * i as f64 / 64.0);
+        let wl = 2.0 * std::f64::consts::PI / f;
+        let (lo, hi) = (8192.0 / s.low_freq_factor, 8192.0 / s.high_freq_factor);
+        let expect = if wl < hi {
+            f
+        } else if wl > lo {
+            f / 32.0
+        } else {
+            let sm = (8192.0 / wl - 1.0) / 3.0;
+            (1.0 - sm) * f / 32.0 + sm * f
+        };
+        assert!(
+            (row1[i] - expect.cos()).abs() < 1e-12 && (row1[i + 32] - expect.cos()).abs() < 1e-12,
+            "frequency {i}"
+        );
+    }
+}
+
+#[test]
+fn softmax_matches_finite_differences() {
+    let x = randn(&[3, 7], 6, 2.0);
+    check("softmax", &x, 21, |x| {
+        probe(&ops::softmax_last_dim(x).unwrap(), 7)
+    });
+}
+
+#[test]
+fn causal_attention_matches_finite_differences() {
+    let mask = ops::causal_mask(5, DType::F64, &Device::Cpu).unwrap();
+    let q = randn(&[1, 4, 5, 6], 8, 1.0);
+    let k = randn(&[1, 2, 5, 6], 9, 1.0);
+    let v = randn(&[1, 2, 5, 6], 10, 1.0);
+    check("attention dq", &q, 40, |q| {
+        probe(&ops::causal_attention(q, &k, &v, &mask).unwrap(), 11)
+    });
+    check("attention dk", &k, 40, |k| {
+        probe(&ops::causal_attention(&q, k, &v, &mask).unwrap(), 11)
+    });
+    check("attention dv", &v, 40, |v| {
+        probe(&ops::causal_attention(&q, &k, v, &mask).unwrap(), 11)
+    });
+}
+
+#[test]
+fn causal_attention_equals_explicit_gqa_reference() {
+    // Independent of the grouping trick: repeat KV heads explicitly and mask by hand.
+    let (t, d) = (4, 3);
+    let q = randn(&[1, 4, t, d], 12, 1.0);
+    let k = randn(&[1, 2, t, d], 13, 1.0);
+    let v = randn(&[1, 2, t, d], 14, 1.0);
+    let out = to_vec_f64(
+        &ops::causal_attention(
+            &q,
+            &k,
+            &v,
+            &ops::causal_mask(t, DType::F64, &Device::Cpu).unwrap(),
+        )
+        .unwrap(),
+    );
+    let (qv, kv, vv) = (to_vec_f64(&q), to_vec_f64(&k), to_vec_f64(&v));
+    for h in 0..4 {
+        let g = h / 2; // heads 0,1 share KV head 0 (HF repeat_kv order)
+        for i in 0..t {
+            let scores: Vec<f64> = (0..=i)
+                .map(|j| {
+                    (0..d)
+                        .map(|c| qv[(h * t + i) * d + c] * kv[(g * t + j) * d + c])
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+            for c in 0..d {
+                let expect: f64 = (0..=i)
+                    .map(|j| (scores[j] - m).exp() / z * vv[(g * t + j) * d + c])
+                    .sum();
+                assert!((out[(h * t + i) * d + c] - expect).abs() < 1e-12);
+            }
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_finite_differences() {
+    let g = randn(&[2, 6], 15, 1.5);
+    let u = randn(&[2, 6], 16, 1.0);
+    check("swiglu dgate", &g, 12, |g| {
+        probe(&ops::swiglu(g, &u).unwrap(), 17)
+    });
+    check("swiglu dup", &u, 12, |u| {
+        probe(&ops::swiglu(&g, u).unwrap(), 17)
+    });
+}
+
+#[test]
+fn cross_entropy_matches_finite_differences_and_ignores_minus_100() {
+    let logits = randn(&[5, 9], 18, 2.0);
+    let targets = [3i64, -100, 0, 8, -100];
+    check("cross_entropy", &logits, 45, |l| {
+        ops::cross_entropy(l, &targets).unwrap().0
+    });
+    let (loss, n) = ops::cross_entropy(&logits, &targets).unwrap();
+    assert_eq!(n, 3);
+    // f64 recomputation of the token mean over the three counted rows.
+    let v = to_vec_f64(&logits);
+    let expect: f64 = [(0usize, 3usize), (2, 0), (3, 8)]
+        .iter()
+        .map(|&(r, t)| {
+            let row = &v[r * 9..(r + 1) * 9];
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln() - row[t]
+        })
+        .sum::<f64>()
+        / 3.0;
+    assert!((loss.to_scalar::<f64>().unwrap() - expect).abs() < 1e-12);
+}
+
+fn whole_model(tied: bool) {
+    let cfg = LlamaConfig::tiny(40, tied);
+    let params = Params::random(&cfg, 3, DType::F64, &Device::Cpu).unwrap();
+    // Random norm gains, so their gradients are not at a symmetric point.
+    for (name, var) in &params.vars {
+        if name.ends_with("norm.weight") {
+            var.set(&(randn(var.dims(), 99, 0.1) + 1.0).unwrap())
+                .unwrap();
+        }
+    }
+    let model = Llama::new(cfg.clone(), DType::F64, &Device::Cpu);
+    let ids = Tensor::new(&[[1u32, 5, 7, 2, 39, 11], [4, 4, 0, 9, 3, 8]], &Device::Cpu).unwrap();
+    let labels: Vec<i64> = vec![1, 5, 7, 2, 39, 11, 4, 4, -100, 9, 3, 8];
+    let names = [
+        "model.embed_tokens.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.1.self_attn.v_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.1.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.1.post_attention_layernorm.weight",
+        "model.norm.weight",
+    ];
+    let mut all: Vec<&str> = names.to_vec();
+    if !tied {
+        all.push("lm_head.weight");
+    }
+    for name in all {
+        let x0 = params.get(name).unwrap().as_tensor().copy().unwrap();
+        check(&format!("llama(tied={tied}) {name}"), &x0, 12, |x| {
+            let w = params
+                .compute_weights(DType::F64, |n, t| {
+                    Ok(if n == name { x.clone() } else { t.clone() })
+                })
+                .unwrap();
+            model.loss(&w, &ids, &labels).unwrap().0
+        });
+    }
+}
+
+#[test]
+fn tiny_llama_tied_matches_finite_differences() {
+    whole_model(true);
+}
+
+#[test]
+fn tiny_llama_untied_matches_finite_differences() {
+    whole_model(false);
+}
