@@ -2,11 +2,11 @@
 //! `2·w_i·(x − q)/K`, written directly (q is a stop-gradient, so autograd would find the same).
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-/// `w_i·Σ(x − q)²` of one tensor, as a 0-d f32 tensor.
+/// `w_i·Σ(x − q)²` of one tensor, as a 0-d tensor of the weight's dtype.
 pub fn term(x: &Tensor, q: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    Ok(((x - q)?.to_dtype(DType::F32)?.sqr()?.sum_all()? * weight)?)
+    Ok(((x - q)?.sqr()?.sum_all()?.to_dtype(weight.dtype())? * weight)?)
 }
 
 /// `coef·∂dist/∂x = coef·2·w_i·(x − q)/K` for one of K tensors (coef = c·γ, an explicit once-per-step

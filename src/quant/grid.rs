@@ -193,9 +193,10 @@ impl TensorGrid {
                 scale,
                 half_levels,
             } => {
-                let y = w.reshape(view.as_slice())?.broadcast_div(scale)?;
+                let scale = scale.to_dtype(w.dtype())?;
+                let y = w.reshape(view.as_slice())?.broadcast_div(&scale)?;
                 let r = round_half_even(&y)?.clamp(-half_levels, *half_levels)?;
-                Ok(r.broadcast_mul(scale)?.reshape(w.shape())?)
+                Ok(r.broadcast_mul(&scale)?.reshape(w.shape())?)
             }
             TensorGrid::Levels(levels) => {
                 // Walk the midpoints upwards; `>` keeps a tie at the lower level.

@@ -1,0 +1,237 @@
+//! Grids against hand-computed vectors, and the dist term against finite differences.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::to_vec_f64;
+use proxqat::quant::dist_loss;
+use proxqat::quant::grid::{round_half_even, GridConfig, ScaleKind, ScaleRule, TensorGrid};
+
+fn t(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn uniform(bits: u32, scale: ScaleKind, step: Option<f64>) -> GridConfig {
+    GridConfig {
+        bits,
+        scale,
+        step,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn round_half_even_matches_rust_ties_even() {
+    let mut rng = proxqat::rng::Rng::new(3);
+    let mut v: Vec<f32> = vec![
+        -2.5,
+        -1.5,
+        -0.5,
+        0.5,
+        1.5,
+        2.5,
+        3.5,
+        0.49999997,
+        1.5000001,
+        -0.50000006,
+        0.0,
+        -0.0,
+        1e7 + 0.5,
+    ];
+    v.extend((0..2000).map(|_| (rng.normal() * 10.0) as f32));
+    v.extend((0..200).map(|i| i as f32 * 0.5 - 50.0));
+    let got = f32s(&round_half_even(&t(&v, &[v.len()])).unwrap());
+    for (x, g) in v.iter().zip(got) {
+        assert_eq!(g, x.round_ties_even(), "round_half_even({x})");
+    }
+}
+
+#[test]
+fn uniform_absolute_grid_rounds_ties_to_even_and_clamps() {
+    // Δ = 0.25, 3 bits ⇒ L = 3: levels {−0.75 … 0.75}.
+    let g = TensorGrid::new(
+        &uniform(3, ScaleKind::Absolute, Some(0.25)),
+        &t(&[0.0; 6], &[2, 3]),
+    )
+    .unwrap();
+    let w = t(&[0.125, 0.375, 0.625, -0.875, 2.0, 0.1], &[2, 3]);
+    assert_eq!(
+        f32s(&g.quantize(&w).unwrap()),
+        vec![0.0, 0.5, 0.5, -0.75, 0.75, 0.0]
+    );
+}
+
+#[test]
+fn explicit_levels_pick_the_nearest_and_ties_go_low() {
+    let cfg = GridConfig {
+        levels: Some(vec![-0.06, 0.0, 0.06]),
+        ..Default::default()
+    };
+    let g = TensorGrid::new(&cfg, &t(&[0.0; 6], &[6])).unwrap();
+    let w = t(&[0.03, -0.03, 0.031, -0.2, 0.5, 0.01], &[6]);
+    assert_eq!(
+        f32s(&g.quantize(&w).unwrap()),
+        vec![0.0, -0.06, 0.06, -0.06, 0.06, 0.0]
+    );
+    let four = GridConfig {
+        levels: Some(vec![-0.09, -0.03, 0.03, 0.09]),
+        ..Default::default()
+    };
+    let g = TensorGrid::new(&four, &t(&[0.0; 4], &[4])).unwrap();
+    assert_eq!(
+        f32s(&g.quantize(&t(&[0.0, 0.06, 0.061, -1.0], &[4])).unwrap()),
+        vec![-0.03, 0.03, 0.09, -0.09]
+    );
+}
+
+#[test]
+fn per_channel_and_per_group_absmax_scales() {
+    let w = t(&[0.7, -0.35, 0.1, 0.0, 0.02, -0.01, 0.005, 0.0], &[2, 4]);
+    // 4 bits ⇒ L = 7; per channel: s = absmax/7 rounded to f16.
+    let g = TensorGrid::new(&uniform(4, ScaleKind::Channel, None), &w).unwrap();
+    let s = f32s(g.scale().unwrap());
+    let want = [
+        half::f16::from_f64(0.7f32 as f64 / 7.0).to_f32(),
+        half::f16::from_f64(0.02f32 as f64 / 7.0).to_f32(),
+    ];
+    assert_eq!(s, want.to_vec());
+    let q = f32s(&g.quantize(&w).unwrap());
+    for (i, (&x, &qv)) in f32s(&w).iter().zip(&q).enumerate() {
+        let sc = want[i / 4];
+        assert_eq!(
+            qv,
+            (x / sc).round_ties_even().clamp(-7.0, 7.0) * sc,
+            "entry {i}"
+        );
+    }
+    // Largest weight of each row lands on the outermost level (up to the f16 rounding of s).
+    assert!((q[0] - 0.7).abs() < 1e-3 && (q[4] - 0.02).abs() < 1e-4);
+    // Per group of 2 columns: scale shape (rows, cols/2, 1).
+    let cfg = GridConfig {
+        group_size: 2,
+        ..uniform(4, ScaleKind::Group, None)
+    };
+    let g = TensorGrid::new(&cfg, &w).unwrap();
+    assert_eq!(g.scale().unwrap().dims(), &[2, 2, 1]);
+    let s = f32s(g.scale().unwrap());
+    for (i, absmax) in [0.7f32, 0.1, 0.02, 0.005].iter().enumerate() {
+        assert_eq!(s[i], half::f16::from_f64(*absmax as f64 / 7.0).to_f32());
+    }
+    assert!(
+        TensorGrid::new(
+            &GridConfig {
+                group_size: 3,
+                ..cfg
+            },
+            &w
+        )
+        .is_err(),
+        "3 does not divide 4 columns"
+    );
+}
+
+#[test]
+fn std_rule_scale_matches_f64_recomputation() {
+    let w = common::randn(&[3, 64], 21, 0.02)
+        .to_dtype(DType::F32)
+        .unwrap();
+    let cfg = GridConfig {
+        rule: ScaleRule::Std,
+        std_k: 3.0,
+        ..uniform(4, ScaleKind::Channel, None)
+    };
+    let g = TensorGrid::new(&cfg, &w).unwrap();
+    let s = f32s(g.scale().unwrap());
+    let v = to_vec_f64(&w);
+    for r in 0..3 {
+        let row = &v[r * 64..(r + 1) * 64];
+        let mean = row.iter().sum::<f64>() / 64.0;
+        let std = (row.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 64.0).sqrt();
+        let want = half::f16::from_f64(3.0 * std / 7.0).to_f32();
+        assert!(
+            (s[r] - want).abs() <= want * 1e-3,
+            "row {r}: {} vs {want}",
+            s[r]
+        );
+    }
+}
+
+#[test]
+fn invalid_grids_are_refused_with_the_field_named() {
+    let err = |c: GridConfig| format!("{:#}", c.validate().err().expect("must be refused"));
+    assert!(err(uniform(4, ScaleKind::Absolute, Some(0.0))).contains("quant.grid.step"));
+    assert!(err(uniform(4, ScaleKind::Absolute, Some(-0.1))).contains("quant.grid.step"));
+    assert!(err(uniform(4, ScaleKind::Absolute, None)).contains("quant.grid.step"));
+    assert!(err(uniform(1, ScaleKind::Channel, None)).contains("quant.grid.bits"));
+    assert!(err(uniform(9, ScaleKind::Channel, None)).contains("quant.grid.bits"));
+    assert!(err(GridConfig {
+        levels: Some(vec![]),
+        ..Default::default()
+    })
+    .contains("empty"));
+    assert!(err(GridConfig {
+        levels: Some(vec![0.1, -0.1]),
+        ..Default::default()
+    })
+    .contains("ascending"));
+    assert!(err(GridConfig {
+        levels: Some(vec![0.1, 0.1]),
+        ..Default::default()
+    })
+    .contains("ascending"));
+}
+
+#[test]
+fn dist_gradient_matches_finite_differences() {
+    let x = common::randn(&[4, 8], 5, 0.1);
+    let grid = TensorGrid::new(&uniform(3, ScaleKind::Absolute, Some(0.05)), &x).unwrap();
+    let q = grid.quantize(&x).unwrap(); // held fixed: stop-gradient
+    let weight = Tensor::new(1.7f64, &Device::Cpu).unwrap();
+    let (k, coef) = (3, 0.4);
+    let value = |x: &Tensor| {
+        coef / k as f64
+            * dist_loss::term(x, &q, &weight)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+    };
+    let analytic = to_vec_f64(&dist_loss::grad(&x, &q, &weight, k, coef).unwrap());
+    let base = to_vec_f64(&x);
+    for i in 0..base.len() {
+        let at = |d: f64| {
+            let mut v = base.clone();
+            v[i] += d;
+            value(&Tensor::from_vec(v, (4, 8), &Device::Cpu).unwrap())
+        };
+        let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
+        assert!(
+            (numeric - analytic[i]).abs() < 1e-6 * (1.0 + numeric.abs()),
+            "entry {i}: {numeric} vs {}",
+            analytic[i]
+        );
+    }
+}
+
+#[test]
+fn counts_hits_and_both_saturations() {
+    // Δ = 0.25, L = 3, clip 0.75; atol 0.01.
+    let g = TensorGrid::new(
+        &uniform(3, ScaleKind::Absolute, Some(0.25)),
+        &t(&[0.0; 6], &[6]),
+    )
+    .unwrap();
+    let w = t(&[0.25, 0.255, 0.3, 0.7, 0.8, -2.0], &[6]);
+    let c = g.counts(&w, 0.01).unwrap();
+    let get = |t: Tensor| t.to_scalar::<f64>().unwrap();
+    assert_eq!(get(c.hit), 2.0); // 0.25, 0.255
+    assert_eq!(get(c.sat_q), 3.0); // 0.7, 0.8, -2.0 quantize to ±0.75
+    assert_eq!(get(c.sat_w), 2.0); // 0.8, -2.0 lie beyond the clip
+    let want_err = 0.0 + 0.005 + 0.05 + 0.05 + 0.05 + 1.25;
+    assert!((get(c.abs_err) - want_err).abs() < 1e-6);
+}

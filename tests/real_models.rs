@@ -1,0 +1,134 @@
+//! The real assets: SmolLM2-135M-Instruct from its GGUF and the Llama-3.2 tokenizer.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use proxqat::model::io::{load_model, load_tokenizer};
+use proxqat::model::{Llama, Params};
+
+fn smollm2() -> (Llama, Params, tokenizers::Tokenizer) {
+    let loaded = load_model(&common::assets().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    assert_eq!(
+        (
+            loaded.cfg.num_hidden_layers,
+            loaded.cfg.hidden_size,
+            loaded.cfg.num_key_value_heads
+        ),
+        (30, 576, 3)
+    );
+    assert!(loaded.cfg.tie_word_embeddings);
+    let params = Params::from_tensors(&loaded.cfg, loaded.tensors, DType::F32).unwrap();
+    (
+        Llama::new(loaded.cfg, DType::F32, &Device::Cpu),
+        params,
+        loaded.tokenizer,
+    )
+}
+
+#[test]
+fn smollm2_knows_the_capital_of_france_and_matches_numpy() {
+    let (model, params, tok) = smollm2();
+    let w = params
+        .compute_weights(DType::F32, |_, x| Ok(x.clone()))
+        .unwrap();
+    let g = proxqat::eval::generate(&model, &w, &tok, "The capital of France is", 4).unwrap();
+    assert!(
+        g.completion.starts_with(" Paris"),
+        "greedy continuation was {:?}",
+        g.completion
+    );
+
+    // Logits of a fixed prompt against an independent float64 numpy forward over the same GGUF.
+    let ids = tok
+        .encode("The capital of France is", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let ours: Vec<Vec<f32>> = model
+        .logits(&w, &input)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let mut args = vec![common::repo()
+        .join("scripts/gguf_reference.py")
+        .display()
+        .to_string()];
+    args.push(
+        common::assets()
+            .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+            .display()
+            .to_string(),
+    );
+    args.extend(ids.iter().map(|i| i.to_string()));
+    let out = common::run_python(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let reference: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut worst = 0f64;
+    for (t, row) in reference["logits"].as_array().unwrap().iter().enumerate() {
+        let row: Vec<f64> = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let scale = row.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for (a, b) in ours[t].iter().zip(&row) {
+            worst = worst.max((*a as f64 - b).abs() / scale);
+        }
+    }
+    eprintln!("max relative logit difference vs numpy: {worst:.2e}");
+    assert!(
+        worst < 1e-4,
+        "logits differ from the numpy reference by {worst:.2e} (relative to the row max)"
+    );
+}
+
+#[test]
+fn llama32_tokenizer_matches_meta_tiktoken_ranks() {
+    let tok = load_tokenizer(&common::assets().join("llama3.2-tokenizer.json")).unwrap();
+    let texts = [
+        "Hello, world!",
+        "The capital of France is Paris.",
+        "  leading spaces and 12345 digits\n\nnew lines\ttabs",
+        "Ünïcödé — ça marche? 日本語のテキスト 😀",
+        "def f(x):\n    return x**2  # comment",
+    ];
+    let script = r#"
+import json, sys
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+pat = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+enc = tiktoken.Encoding("llama3", pat_str=pat, mergeable_ranks=load_tiktoken_bpe(sys.argv[1]), special_tokens={})
+print(json.dumps([enc.encode(t) for t in json.loads(sys.argv[2])]))
+"#;
+    let model = common::assets()
+        .join("llama3-tokenizer.model")
+        .display()
+        .to_string();
+    let texts_json = serde_json::to_string(&texts).unwrap();
+    let expect: Vec<Vec<u32>> =
+        serde_json::from_str(&common::run_python(&["-c", script, &model, &texts_json])).unwrap();
+    for (text, want) in texts.iter().zip(expect) {
+        let got = tok.encode(*text, false).unwrap().get_ids().to_vec();
+        assert_eq!(got, want, "{text:?}");
+    }
+    // The text model's special tokens (../shared/assets.md).
+    assert_eq!(tok.token_to_id("<|begin_of_text|>"), Some(128000));
+    assert_eq!(
+        tok.token_to_id("<|reserved_special_token_2|>"),
+        Some(128005)
+    );
+    assert_eq!(tok.token_to_id("<|eot_id|>"), Some(128009));
+    assert_eq!(
+        tok.token_to_id("<|reserved_special_token_247|>"),
+        Some(128255)
+    );
+    assert_eq!(tok.token_to_id("<|image|>"), None);
+    assert_eq!(tok.get_vocab_size(true), 128256);
+    assert_eq!(tok.encode("Hi", true).unwrap().get_ids()[0], 128000);
+}
