@@ -37,8 +37,8 @@ pub struct TrainArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Continue from a checkpoint directory (or a run directory's `latest`); default: the config's out_dir.
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
-    pub resume: Option<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<Option<PathBuf>>,
 }
 
 #[derive(Args, Debug)]

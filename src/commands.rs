@@ -1,9 +1,8 @@
 //! What each subcommand does: load, call the library, print text or one JSON object.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use crate::cli::{CkptArgs, Cli, Command, EvalArgs, HardenArgs, StatsArgs};
 use crate::config::{Config, DeviceChoice, Precision};
@@ -19,13 +18,9 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => {
             let cfg = Config::load(&a.config, &a.overrides)?;
-            let resume = a.resume.map(|p| {
-                if p.as_os_str().is_empty() {
-                    cfg.train.out_dir.clone()
-                } else {
-                    p
-                }
-            });
+            let resume = a
+                .resume
+                .map(|dir| dir.unwrap_or_else(|| cfg.train.out_dir.clone()));
             train::train(cfg, resume)
         }
         Command::Eval(a) => run_eval(a),
@@ -318,14 +313,4 @@ fn run_harden(a: HardenArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// For tests and tools: a CPU device.
-pub fn cpu() -> Device {
-    Device::Cpu
-}
-
-/// Is `p` a GGUF file path?
-pub fn is_gguf(p: &Path) -> bool {
-    p.extension().is_some_and(|e| e == "gguf")
 }

@@ -155,7 +155,7 @@ fn bad_records_are_refused_by_index_and_field() {
     let err = |text: &str| {
         format!(
             "{:#}",
-            alpaca::parse_records(text).err().expect("must fail")
+            alpaca::parse_records(text).expect_err("must fail")
         )
     };
     assert!(

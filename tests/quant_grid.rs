@@ -162,7 +162,7 @@ fn std_rule_scale_matches_f64_recomputation() {
 
 #[test]
 fn invalid_grids_are_refused_with_the_field_named() {
-    let err = |c: GridConfig| format!("{:#}", c.validate().err().expect("must be refused"));
+    let err = |c: GridConfig| format!("{:#}", c.validate().expect_err("must be refused"));
     assert!(err(uniform(4, ScaleKind::Absolute, Some(0.0))).contains("quant.grid.step"));
     assert!(err(uniform(4, ScaleKind::Absolute, Some(-0.1))).contains("quant.grid.step"));
     assert!(err(uniform(4, ScaleKind::Absolute, None)).contains("quant.grid.step"));

@@ -135,14 +135,14 @@ impl LlamaConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             bail!("num_attention_heads and num_key_value_heads must be positive");
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             bail!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
                 self.num_key_value_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", self.head_dim);
         }
         Ok(())

@@ -94,7 +94,7 @@ impl Default for QuantConfig {
 impl QuantConfig {
     pub fn validate(&self) -> Result<()> {
         self.grid.validate()?;
-        if !(self.atol >= 0.0) {
+        if self.atol.is_nan() || self.atol < 0.0 {
             bail!(
                 "quant.atol = {} must be ≥ 0 (it is the hit tolerance |w − q| ≤ atol)",
                 self.atol

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
 use crate::config::{Config, DeviceChoice, Precision};
-use crate::data::{self, Batch, Cursor, Encoder, TrainStream};
+use crate::data::{self, Batch, Encoder, TrainStream};
 use crate::eval;
 use crate::metrics::Metrics;
 use crate::model::io::LoadedModel;
@@ -246,7 +246,7 @@ impl Trainer {
             let report = self.step()?;
             tokens_since += report.tokens;
             let done = self.step;
-            if done % t.log_every.max(1) == 0 || done == t.max_steps {
+            if done.is_multiple_of(t.log_every.max(1)) || done == t.max_steps {
                 let extra = self.log_extras()?;
                 metrics.step(
                     &report,
@@ -254,11 +254,11 @@ impl Trainer {
                     tokens_since as f64 / started.elapsed().as_secs_f64().max(1e-9),
                 )?;
             }
-            if self.cfg.eval.every > 0 && done % self.cfg.eval.every == 0 && done < t.max_steps {
+            if self.cfg.eval.every > 0 && done.is_multiple_of(self.cfg.eval.every) && done < t.max_steps {
                 let losses = self.evaluate(&self.val)?;
                 metrics.eval(done, "periodic", &losses)?;
             }
-            if t.save_every > 0 && done % t.save_every == 0 && done < t.max_steps {
+            if t.save_every > 0 && done.is_multiple_of(t.save_every) && done < t.max_steps {
                 let dir = self.save()?;
                 metrics.note(&format!("saved {}", dir.display()));
             }
@@ -311,9 +311,4 @@ pub fn train(cfg: Config, resume: Option<PathBuf>) -> Result<()> {
     let resume = resume.map(|p| checkpoint::resolve(&p)).transpose()?;
     let mut trainer = Trainer::new(cfg, resume.as_deref())?;
     trainer.run()
-}
-
-/// The start of a cursor, for tests that compare streams.
-pub fn fresh_cursor() -> Cursor {
-    Cursor::default()
 }

@@ -196,8 +196,8 @@ impl Trainer {
                 }
                 // 8. Stats every `stats_every` steps, feeding γ.
                 let done = k + 1;
-                let gamma_due = qc.gamma.enable && done % qc.gamma.every == 0;
-                if done % qc.stats_every == 0 || gamma_due {
+                let gamma_due = qc.gamma.enable && done.is_multiple_of(qc.gamma.every);
+                if done.is_multiple_of(qc.stats_every) || gamma_due {
                     let s = stats::compute(&self.params, &q.quantizer, qc.atol)?;
                     report.hit_rate = Some(s.total.hit_rate);
                     report.sat_rate = Some(s.total.sat_rate);

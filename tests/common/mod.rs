@@ -96,3 +96,78 @@ pub fn run_bin(args: &[&str], cwd: &Path) -> std::process::Output {
         .output()
         .expect("running proxqat")
 }
+
+/// A byte-level BPE tokenizer with no merges: 256 byte tokens plus `<eos>` (id 256).
+pub fn byte_tokenizer() -> tokenizers::Tokenizer {
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+        .into_iter()
+        .collect();
+    alphabet.sort();
+    let mut vocab: serde_json::Map<String, serde_json::Value> = alphabet
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), (i as u64).into()))
+        .collect();
+    vocab.insert("<eos>".into(), 256u64.into());
+    let json = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "normalizer": null,
+        "added_tokens": [{"id": 256, "content": "<eos>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}});
+    json.to_string().parse().unwrap()
+}
+
+/// A tiny random Llama (byte-level vocabulary) saved as an HF checkpoint directory.
+pub fn tiny_model_dir(dir: &Path, seed: u64) {
+    let mut cfg = proxqat::model::LlamaConfig::tiny(257, true);
+    cfg.eos_token_ids = vec![256];
+    let params = proxqat::model::Params::random(&cfg, seed, DType::F32, &Device::Cpu).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    proxqat::model::io::save_hf(dir, &cfg, &params.to_tensors(), &byte_tokenizer()).unwrap();
+}
+
+/// A run config for the tiny model on the Alpaca demo data; `extra` is appended TOML.
+pub fn tiny_config(dir: &Path, model: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"[model]
+path = "{model}"
+[data]
+path = "{data}"
+val_records = 16
+max_seq_length = 64
+[train]
+out_dir = "{out}"
+micro_batch = 4
+global_batch = 8
+max_steps = 4
+lr = 3e-3
+min_lr = 3e-4
+warmup_steps = 2
+log_every = 1
+device = "cpu"
+[eval]
+every = 0
+max_batches = 4
+initial = true
+final = true
+{extra}
+"#,
+        model = model.display(),
+        data = assets().join("alpaca_en_demo.json").display(),
+        out = dir.join("run").display(),
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The JSON lines of a run's metrics.jsonl.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

@@ -1,0 +1,214 @@
+//! The real binary end to end on a tiny model: train → eval → stats → harden, and refusals.
+
+mod common;
+
+use common::{run_bin, tiny_config, tiny_model_dir};
+
+fn stdout_json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).expect("stdout is one JSON object")
+}
+
+#[test]
+fn train_eval_stats_harden_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model_dir(&model, 1);
+    let quant = "[quant]\nmethod = \"prox\"\npull = \"prox\"\ndist_scale = 50.0\nstats_every = 1\n[quant.grid]\nbits = 4\nscale = \"channel\"\n";
+    let cfg = tiny_config(tmp.path(), &model, quant);
+    let out = run_bin(&["train", "--config", cfg.to_str().unwrap()], tmp.path());
+    assert!(
+        out.status.success(),
+        "train failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = tmp.path().join("run");
+    let lines = common::metrics(&run);
+    let train: Vec<_> = lines.iter().filter(|l| l["kind"] == "train").collect();
+    assert_eq!(train.len(), 4);
+    for l in &train {
+        assert!(
+            l["loss"].as_f64().unwrap().is_finite()
+                && l["lambda"].is_number()
+                && l["hit_rate"].is_number()
+        );
+    }
+    let evals: Vec<_> = lines.iter().filter(|l| l["kind"] == "eval").collect();
+    assert_eq!(evals.len(), 2, "initial and final evals");
+    assert!(
+        evals[1]["val_loss_fp"].as_f64().unwrap() < evals[0]["val_loss_fp"].as_f64().unwrap(),
+        "val loss falls"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("latest")).unwrap(),
+        "step-000004"
+    );
+
+    let ev = stdout_json(&run_bin(
+        &[
+            "eval",
+            "--ckpt",
+            run.to_str().unwrap(),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+        tmp.path(),
+    ));
+    for key in [
+        "val_loss",
+        "val_ppl",
+        "val_loss_fp",
+        "val_loss_q",
+        "val_loss_fsq",
+    ] {
+        assert!(
+            ev[key].as_f64().unwrap().is_finite(),
+            "eval --json lacks {key}: {ev}"
+        );
+    }
+    let final_eval = evals[1]["val_loss_fp"].as_f64().unwrap();
+    assert!(
+        (ev["val_loss_fp"].as_f64().unwrap() - final_eval).abs() < 1e-5,
+        "eval reads back the trained weights"
+    );
+
+    let st = stdout_json(&run_bin(
+        &["stats", "--ckpt", run.to_str().unwrap(), "--json"],
+        tmp.path(),
+    ));
+    assert_eq!(
+        st["tensors"].as_array().unwrap().len(),
+        6,
+        "mlp mode: 3 projections × 2 layers"
+    );
+    let hit = st["total"]["hit_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&hit));
+
+    let hard = tmp.path().join("hard");
+    let h = stdout_json(&run_bin(
+        &[
+            "harden",
+            "--ckpt",
+            run.to_str().unwrap(),
+            "--all",
+            "--out",
+            hard.to_str().unwrap(),
+            "--json",
+        ],
+        tmp.path(),
+    ));
+    assert!(h["moved"].as_u64().unwrap() > 0);
+    let st2 = stdout_json(&run_bin(
+        &[
+            "stats",
+            "--ckpt",
+            hard.to_str().unwrap(),
+            "--json",
+            "--atol",
+            "0",
+        ],
+        tmp.path(),
+    ));
+    assert_eq!(
+        st2["total"]["hit_rate"].as_f64().unwrap(),
+        1.0,
+        "after harden --all every selected weight is on the grid"
+    );
+    let ev2 = stdout_json(&run_bin(
+        &["eval", "--ckpt", hard.to_str().unwrap(), "--json"],
+        tmp.path(),
+    ));
+    assert!(
+        (ev2["val_loss_fp"].as_f64().unwrap() - ev["val_loss_q"].as_f64().unwrap()).abs() < 1e-5,
+        "hardened fp loss = q loss before"
+    );
+    let again = run_bin(
+        &[
+            "harden",
+            "--ckpt",
+            run.to_str().unwrap(),
+            "--all",
+            "--out",
+            hard.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(
+        !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--overwrite")
+    );
+
+    // Resume continues from step 4 to 6 and appends to metrics.jsonl.
+    let out = run_bin(
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "train.max_steps=6",
+            "--resume",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        out.status.success(),
+        "resume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = common::metrics(&run);
+    assert_eq!(lines.iter().filter(|l| l["kind"] == "train").count(), 6);
+    assert_eq!(
+        std::fs::read_to_string(run.join("latest")).unwrap(),
+        "step-000006"
+    );
+}
+
+#[test]
+fn bad_configs_are_refused_with_the_key_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model_dir(&model, 2);
+    let cases = [
+        ("[quant]\nstpe = 1\n", "stpe"),
+        (
+            "[quant.grid]\nscale = \"absolute\"\nstep = 0.0\n",
+            "quant.grid.step",
+        ),
+        ("[quant.grid]\nlevels = [0.1, -0.1]\n", "ascending"),
+        ("[quant.grid]\nbits = 12\n", "quant.grid.bits"),
+        ("[quant]\natol = -1.0\n", "quant.atol"),
+    ];
+    for (extra, needle) in cases {
+        let cfg = tiny_config(tmp.path(), &model, extra);
+        let out = run_bin(&["train", "--config", cfg.to_str().unwrap()], tmp.path());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(
+            err.contains(needle) && err.contains("run.toml"),
+            "{extra:?}: error {err:?} does not name {needle} and the file"
+        );
+        assert!(
+            !tmp.path().join("run").exists(),
+            "nothing is written for a refused config"
+        );
+    }
+    let cfg = tiny_config(tmp.path(), &model, "");
+    let out = run_bin(
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "train.global_batch=6",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("train.global_batch")
+    );
+}
