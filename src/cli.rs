@@ -26,6 +26,63 @@ pub enum Command {
     Harden(HardenArgs),
     /// Per-tensor grid statistics of a checkpoint (hit rate, saturation, |w − q|, scale).
     Stats(StatsArgs),
+    /// Step throughput of the training step on a random model of a given shape (GPU benchmark).
+    Bench(BenchCliArgs),
+    /// GPU checks: CUDA vs CPU parity, random checkpoints and gradient dumps for the PyTorch comparison.
+    #[command(subcommand)]
+    GpuCheck(GpuCheck),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchCliArgs {
+    /// Model shape: llama-3.2-1b or tiny [default: llama-3.2-1b].
+    #[arg(long, default_value = "llama-3.2-1b")]
+    pub shape: String,
+    /// HF tokenizer.json used to build the synthetic rows.
+    #[arg(long, default_value = "assets/llama3.2-tokenizer.json")]
+    pub tokenizer: PathBuf,
+    /// Rows per micro-batch [default: 4].
+    #[arg(long, default_value_t = 4)]
+    pub micro_batch: usize,
+    /// Tokens per row [default: 256].
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// Rows per optimizer step [default: 128].
+    #[arg(long, default_value_t = 128)]
+    pub global_batch: usize,
+    /// fp or prox [default: fp].
+    #[arg(long, default_value = "fp")]
+    pub method: String,
+    /// Measured optimizer steps after one warm-up step [default: 2].
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GpuCheck {
+    /// Every op, the grid and a tiny Llama on CUDA against the CPU (f32 ≤ 1e-4, bf16 ≤ 2e-2).
+    Parity,
+    /// Write a random Llama (tiny, small or llama-3.2-1b shape) as an HF checkpoint.
+    WriteRandom {
+        #[arg(long)]
+        shape: String,
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Loss, last-position logits and named gradients for fixed ids, as safetensors.
+    DumpGrads {
+        #[arg(long)]
+        ckpt: PathBuf,
+        /// f32 or bf16 compute.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]

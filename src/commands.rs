@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
 
-use crate::cli::{CkptArgs, Cli, Command, EvalArgs, HardenArgs, StatsArgs};
+use crate::cli::{CkptArgs, Cli, Command, EvalArgs, GpuCheck, HardenArgs, StatsArgs};
 use crate::config::{Config, DeviceChoice, Precision};
 use crate::data::{self, Encoder};
 use crate::eval;
@@ -26,6 +26,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => run_eval(a),
         Command::Harden(a) => run_harden(a),
         Command::Stats(a) => run_stats(a),
+        Command::Bench(a) => {
+            let r = crate::bench::run(&crate::bench::BenchArgs {
+                shape: &a.shape,
+                tokenizer: &a.tokenizer,
+                micro_batch: a.micro_batch,
+                seq: a.seq,
+                global_batch: a.global_batch,
+                method: &a.method,
+                steps: a.steps,
+            })?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Command::GpuCheck(c) => run_gpu_check(c),
     }
 }
 
@@ -313,4 +327,39 @@ fn run_harden(a: HardenArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn run_gpu_check(c: GpuCheck) -> Result<()> {
+    match c {
+        GpuCheck::Parity => {
+            let cuda = train::pick_device(DeviceChoice::Cuda)?;
+            if !crate::gpu_check::parity(&cuda)? {
+                bail!("CUDA vs CPU parity failed (see the table)");
+            }
+            Ok(())
+        }
+        GpuCheck::WriteRandom {
+            shape,
+            tokenizer,
+            out,
+        } => crate::gpu_check::write_random(&shape, &tokenizer, &out, 1),
+        GpuCheck::DumpGrads {
+            ckpt,
+            dtype,
+            device,
+            out,
+        } => {
+            let dev = train::pick_device(if device == "cpu" {
+                DeviceChoice::Cpu
+            } else {
+                DeviceChoice::Cuda
+            })?;
+            let compute = match dtype.as_str() {
+                "f32" => candle_core::DType::F32,
+                "bf16" => candle_core::DType::BF16,
+                other => bail!("--dtype {other:?}: f32 or bf16"),
+            };
+            crate::gpu_check::dump_grads(&ckpt, &dev, compute, &out)
+        }
+    }
 }

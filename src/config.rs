@@ -180,7 +180,10 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
-        if t.micro_batch == 0 || t.global_batch == 0 || !t.global_batch.is_multiple_of(t.micro_batch) {
+        if t.micro_batch == 0
+            || t.global_batch == 0
+            || !t.global_batch.is_multiple_of(t.micro_batch)
+        {
             bail!(
                 "train.global_batch ({}) must be a positive multiple of train.micro_batch ({})",
                 t.global_batch,

@@ -3,12 +3,14 @@
 //! Data flows one way: config → (model, data stream, quant state) → step → metrics / checkpoint.
 //! Every parameter is known by its HF name everywhere.
 
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
 pub mod eval;
 pub mod fsutil;
+pub mod gpu_check;
 pub mod metrics;
 pub mod model;
 pub mod quant;

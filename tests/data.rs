@@ -152,12 +152,7 @@ fn stream_resumes_exactly_from_its_cursor() {
 
 #[test]
 fn bad_records_are_refused_by_index_and_field() {
-    let err = |text: &str| {
-        format!(
-            "{:#}",
-            alpaca::parse_records(text).expect_err("must fail")
-        )
-    };
+    let err = |text: &str| format!("{:#}", alpaca::parse_records(text).expect_err("must fail"));
     assert!(
         err(r#"[{"instruction": "a", "output": "b"}, {"input": "x", "output": "y"}]"#)
             .contains("record 1 has no `instruction`")

@@ -64,16 +64,34 @@ pub struct Trainer {
     pub bad_steps: usize,
     pub tokenizer: Tokenizer,
     pub model_cfg: LlamaConfig,
+    /// Phase timings (bench only): each `mark` synchronizes the device, so it is off in training.
+    pub profile: Option<Profile>,
+}
+
+/// Accumulated wall time per phase of the step, and the peak device memory seen at the marks.
+#[derive(Debug, Default)]
+pub struct Profile {
+    pub seconds: BTreeMap<&'static str, f64>,
+    pub peak_bytes: usize,
+    last: Option<std::time::Instant>,
+}
+
+/// Bytes in use on the device (CUDA: total − free, the allocator's pools included).
+pub fn device_used_bytes(device: &Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Ok(cuda) = device.as_cuda_device() {
+        let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        return Some(total - free);
+    }
+    let _ = device;
+    None
 }
 
 impl Trainer {
     /// Build a fresh run from the config, or continue the checkpoint at `resume`.
     pub fn new(cfg: Config, resume: Option<&Path>) -> Result<Self> {
-        let device = pick_device(cfg.train.device)?;
-        let (master, compute) = dtypes(cfg.train.precision, &device);
         let ckpt = resume.map(checkpoint::load).transpose()?;
-        let state = ckpt.as_ref().and_then(|c| c.state.clone());
-        if ckpt.is_some() && state.is_none() {
+        if ckpt.as_ref().is_some_and(|c| c.state.is_none()) {
             bail!(
                 "--resume: {} has no trainer_state.json (it is not a proxqat training checkpoint)",
                 resume.unwrap_or(Path::new("")).display()
@@ -87,6 +105,20 @@ impl Trainer {
             },
             None => crate::model::io::load_model(&cfg.model.path)?,
         };
+        let records = data::alpaca::load_records(&cfg.data.path)?;
+        Self::from_parts(cfg, loaded, records, ckpt.as_ref())
+    }
+
+    /// Build from a model and records already in memory (the checkpoint, if any, supplies the state).
+    pub fn from_parts(
+        cfg: Config,
+        loaded: LoadedModel,
+        records: Vec<data::Record>,
+        ckpt: Option<&checkpoint::Checkpoint>,
+    ) -> Result<Self> {
+        let device = pick_device(cfg.train.device)?;
+        let (master, compute) = dtypes(cfg.train.precision, &device);
+        let state = ckpt.and_then(|c| c.state.clone());
         let vocab = loaded.tokenizer.get_vocab_size(true);
         if vocab > loaded.cfg.vocab_size {
             bail!(
@@ -102,7 +134,6 @@ impl Trainer {
         let params = Params::from_tensors(&loaded.cfg, tensors, master)?;
         let model = Llama::new(loaded.cfg.clone(), compute, &device);
 
-        let records = data::alpaca::load_records(&cfg.data.path)?;
         let (train, val) = data::split(records, cfg.val_size(), cfg.data.split_seed)
             .with_context(|| format!("splitting {}", cfg.data.path.display()))?;
         let eos_id =
@@ -127,7 +158,7 @@ impl Trainer {
             None => None,
             Some(qcfg) => {
                 let empty = BTreeMap::new();
-                let stored = ckpt.as_ref().map(|c| &c.quant).unwrap_or(&empty);
+                let stored = ckpt.map(|c| &c.quant).unwrap_or(&empty);
                 let quantizer = Quantizer::from_scales(qcfg, &params, stored)?;
                 let mut sens = Sensitivity::default();
                 for name in quantizer.grids.keys() {
@@ -152,7 +183,7 @@ impl Trainer {
                 })
             }
         };
-        if let (Some(c), Some(s)) = (&ckpt, &state) {
+        if let (Some(c), Some(s)) = (ckpt, &state) {
             opt.t = s.adam_t;
             for name in params.vars.keys() {
                 for (slot, map) in [("m", &mut opt.m), ("v", &mut opt.v)] {
@@ -176,6 +207,7 @@ impl Trainer {
             val_all,
             tokenizer: loaded.tokenizer,
             model_cfg: loaded.cfg,
+            profile: None,
         })
     }
 
@@ -254,7 +286,10 @@ impl Trainer {
                     tokens_since as f64 / started.elapsed().as_secs_f64().max(1e-9),
                 )?;
             }
-            if self.cfg.eval.every > 0 && done.is_multiple_of(self.cfg.eval.every) && done < t.max_steps {
+            if self.cfg.eval.every > 0
+                && done.is_multiple_of(self.cfg.eval.every)
+                && done < t.max_steps
+            {
                 let losses = self.evaluate(&self.val)?;
                 metrics.eval(done, "periodic", &losses)?;
             }
@@ -289,6 +324,22 @@ impl Trainer {
             }
         }
         Ok(out)
+    }
+
+    /// Profiling only: wait for the device, charge the time since the last mark to `phase`.
+    pub fn mark(&mut self, phase: &'static str) -> Result<()> {
+        if let Some(p) = &mut self.profile {
+            self.model.device.synchronize()?;
+            let now = std::time::Instant::now();
+            if let Some(last) = p.last {
+                *p.seconds.entry(phase).or_default() += (now - last).as_secs_f64();
+            }
+            p.last = Some(now);
+            p.peak_bytes = p
+                .peak_bytes
+                .max(device_used_bytes(&self.model.device).unwrap_or(0));
+        }
+        Ok(())
     }
 
     /// The forward view of the selected weights during training.

@@ -28,6 +28,7 @@ pub struct StepReport {
 
 impl Trainer {
     pub fn step(&mut self) -> Result<StepReport> {
+        self.mark("outside step")?;
         let k = self.step;
         let t = self.cfg.train.clone();
         let accum = self.cfg.accum();
@@ -60,6 +61,7 @@ impl Trainer {
                         None => Ok(x.clone()),
                     })?;
             let (loss, _) = self.model.loss(&weights, &ids, &batch.labels)?;
+            self.mark("forward")?;
             let step_grads = (&loss / accum as f64)?.backward()?;
             for (name, var) in &self.params.vars {
                 if let Some(g) = step_grads.get(var.as_tensor()) {
@@ -72,6 +74,7 @@ impl Trainer {
                 }
             }
             loss_sum = (loss_sum + loss.detach().to_dtype(DType::F32)?)?;
+            self.mark("backward")?;
         }
 
         // 3. Clip the global gradient norm (on the device: the factor is a 0-d tensor).
@@ -88,6 +91,7 @@ impl Trainer {
         }
         let host = Tensor::stack(&[(loss_sum / accum as f64)?, norm], 0)?.to_vec1::<f32>()?;
         let (loss, grad_norm) = (host[0] as f64, host[1] as f64);
+        self.mark("clip+sync")?;
         let mut report = StepReport {
             step: k + 1,
             loss,
@@ -207,6 +211,7 @@ impl Trainer {
                 }
             }
         }
+        self.mark("optimizer+quant")?;
         self.step += 1;
         Ok(report)
     }

@@ -1,0 +1,147 @@
+//! `proxqat bench`: step throughput of the real training step on a model of a given shape with random
+//! weights and synthetic records long enough that every row is exactly `seq` tokens.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::config::Config;
+use crate::data::Record;
+use crate::model::io::{load_tokenizer, LoadedModel};
+use crate::model::LlamaConfig;
+use crate::train::{Profile, Trainer};
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub method: String,
+    pub micro_batch: usize,
+    pub seq: usize,
+    pub global_batch: usize,
+    /// Mean per micro-step: forward, backward (incl. gradient accumulation), both.
+    pub ms_forward: f64,
+    pub ms_backward: f64,
+    pub ms_micro_step: f64,
+    /// Per optimizer step: clip + the one host read, optimizer (+ Prox-QAT extras), whole step.
+    pub ms_clip_sync: f64,
+    pub ms_optimizer: f64,
+    pub ms_step: f64,
+    pub tokens_per_s: f64,
+    /// 6·N·tokens / time / 989 TFLOP/s (H100/H200 dense bf16 peak), N = all parameters.
+    pub mfu: f64,
+    pub peak_gib: f64,
+}
+
+pub struct BenchArgs<'a> {
+    pub shape: &'a str,
+    pub tokenizer: &'a Path,
+    pub micro_batch: usize,
+    pub seq: usize,
+    pub global_batch: usize,
+    pub method: &'a str,
+    pub steps: usize,
+}
+
+fn shape(name: &str) -> Result<LlamaConfig> {
+    Ok(match name {
+        "llama-3.2-1b" => LlamaConfig::llama_3_2_1b(),
+        "tiny" => LlamaConfig {
+            bos_token_id: Some(128_000),
+            eos_token_ids: vec![128_001],
+            ..LlamaConfig::tiny(128_256, true)
+        },
+        other => anyhow::bail!("unknown --shape {other:?}: llama-3.2-1b or tiny"),
+    })
+}
+
+pub fn run(a: &BenchArgs) -> Result<BenchResult> {
+    let cfg_model = shape(a.shape)?;
+    let quant = match a.method {
+        "fp" => "",
+        "prox" => "[quant]\nmethod = \"prox\"\n",
+        other => anyhow::bail!("unknown --method {other:?}: fp or prox"),
+    };
+    let toml = format!(
+        "[model]\npath = \"random\"\n[data]\npath = \"synthetic\"\nval_records = 1\nmax_seq_length = {seq}\n\
+         [train]\nout_dir = \"bench\"\nmicro_batch = {mb}\nglobal_batch = {gb}\nmax_steps = 1000\nwarmup_steps = 1\nlr = 1e-5\n\
+         [eval]\nevery = 0\ninitial = false\nfinal = false\nmax_batches = 1\n{quant}",
+        seq = a.seq,
+        mb = a.micro_batch,
+        gb = a.global_batch
+    );
+    let cfg = Config::parse(&toml, &[])?;
+    let device = crate::train::pick_device(cfg.train.device)?;
+    // Random weights generated on the device (the CPU would take minutes at 1.2B parameters).
+    let mut tensors = BTreeMap::new();
+    for (name, dims) in cfg_model.param_shapes() {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(dims.as_slice(), DType::F32, &device)?
+        } else {
+            Tensor::randn(0f32, 0.02, dims.as_slice(), &device)?
+        };
+        tensors.insert(name, t);
+    }
+    let tokenizer = load_tokenizer(a.tokenizer)?;
+    // Records of ~600 random words: every row is truncated to exactly `seq` tokens.
+    let mut rng = crate::rng::Rng::new(5);
+    let words = [
+        "alpha",
+        "quantized",
+        "weights",
+        "grid",
+        "train",
+        "model",
+        "the",
+        "of",
+        "Rust",
+        "loss",
+        "7",
+        "prox",
+    ];
+    let records: Vec<Record> = (0..512)
+        .map(|_| Record {
+            instruction: (0..600)
+                .map(|_| words[rng.below(words.len())])
+                .collect::<Vec<_>>()
+                .join(" "),
+            input: String::new(),
+            output: "done".into(),
+        })
+        .collect();
+    let loaded = LoadedModel {
+        cfg: cfg_model.clone(),
+        tensors,
+        tokenizer,
+    };
+    let mut trainer =
+        Trainer::from_parts(cfg, loaded, records, None).context("building the bench trainer")?;
+    trainer.step()?; // warm-up: kernels, allocator pools, Adam state
+    trainer.profile = Some(Profile::default());
+    let started = std::time::Instant::now();
+    for _ in 0..a.steps {
+        trainer.step()?;
+    }
+    let total = started.elapsed().as_secs_f64();
+    let p = trainer.profile.take().expect("profiling was on");
+    let accum = (a.global_batch / a.micro_batch) as f64;
+    let per_step = |k: &str| 1e3 * p.seconds.get(k).copied().unwrap_or(0.0) / a.steps as f64;
+    let step_s = total / a.steps as f64;
+    let tokens = (a.global_batch * a.seq) as f64;
+    let flops = 6.0 * cfg_model.num_params() as f64 * tokens;
+    Ok(BenchResult {
+        method: a.method.into(),
+        micro_batch: a.micro_batch,
+        seq: a.seq,
+        global_batch: a.global_batch,
+        ms_forward: per_step("forward") / accum,
+        ms_backward: per_step("backward") / accum,
+        ms_micro_step: (per_step("forward") + per_step("backward")) / accum,
+        ms_clip_sync: per_step("clip+sync"),
+        ms_optimizer: per_step("optimizer+quant"),
+        ms_step: 1e3 * step_s,
+        tokens_per_s: tokens / step_s,
+        mfu: flops / step_s / 989e12,
+        peak_gib: p.peak_bytes as f64 / (1u64 << 30) as f64,
+    })
+}

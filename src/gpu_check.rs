@@ -1,0 +1,329 @@
+//! GPU checks run on the GPU machine (no cargo there, so they live in the binary):
+//! CUDA vs CPU parity of every op, the grid and a tiny Llama (forward and backward, f32 and bf16);
+//! random HF checkpoints and their loss/logits/gradients for the PyTorch comparison
+//! (scripts/torch_parity.py).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::model::{io, ops, Llama, LlamaConfig, Params};
+use crate::quant::grid::{GridConfig, TensorGrid};
+
+/// max|a − b| / max|b|, both read back as f64.
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-30);
+    Ok(diff / scale)
+}
+
+fn randn(shape: &[usize], seed: u64, scale: f64) -> Result<Tensor> {
+    let mut rng = crate::rng::Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| (scale * rng.normal()) as f32).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+/// Value and input gradients of `f(inputs)·probe` on a device/dtype.
+fn value_and_grads(
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    device: &Device,
+    dtype: DType,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_device(device)?.to_dtype(dtype)?))
+        .collect::<candle_core::Result<_>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts)?;
+    let probe = randn(out.dims(), 1234, 1.0)?
+        .to_device(device)?
+        .to_dtype(out.dtype())?;
+    let grads = (&out * probe)?.sum_all()?.backward()?;
+    let g = vars
+        .iter()
+        .map(|v| {
+            grads
+                .get(v.as_tensor())
+                .cloned()
+                .context("no gradient reached an input")
+        })
+        .collect::<Result<_>>()?;
+    Ok((out, g))
+}
+
+struct Row {
+    name: String,
+    dtype: DType,
+    err: f64,
+    tol: f64,
+}
+
+/// (a): every op, the grid and a tiny Llama on CUDA against the CPU in f32 (≤ 1e-4) and bf16 (≤ 2e-2).
+pub fn parity(cuda: &Device) -> Result<bool> {
+    let mut rows = Vec::new();
+    let cfg = LlamaConfig::tiny(64, false);
+    let (cos, sin) = ops::rope_tables(&cfg, 12, DType::F32, &Device::Cpu)?;
+    let mask = ops::causal_mask(12, DType::F32, &Device::Cpu)?;
+    let targets: Vec<i64> = (0..24)
+        .map(|i| {
+            if i % 5 == 0 {
+                -100
+            } else {
+                (i * 7 % 64) as i64
+            }
+        })
+        .collect();
+    type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+    let on = |t: &Tensor, like: &Tensor| -> Result<Tensor> {
+        Ok(t.to_device(like.device())?.to_dtype(like.dtype())?)
+    };
+    let cases: Vec<(&str, Vec<Tensor>, OpFn)> = vec![
+        (
+            "rms_norm",
+            vec![randn(&[2, 12, 64], 1, 1.0)?, randn(&[64], 2, 1.0)?],
+            Box::new(|x| Ok(ops::rms_norm(&x[0], &x[1], 1e-5)?)),
+        ),
+        (
+            "rope",
+            vec![randn(&[2, 4, 12, 16], 3, 1.0)?],
+            Box::new(move |x| Ok(ops::rope(&x[0], &on(&cos, &x[0])?, &on(&sin, &x[0])?)?)),
+        ),
+        (
+            "softmax",
+            vec![randn(&[6, 40], 4, 3.0)?],
+            Box::new(|x| Ok(ops::softmax_last_dim(&x[0])?)),
+        ),
+        (
+            "causal_attention",
+            vec![
+                randn(&[2, 4, 12, 16], 5, 1.0)?,
+                randn(&[2, 2, 12, 16], 6, 1.0)?,
+                randn(&[2, 2, 12, 16], 7, 1.0)?,
+            ],
+            Box::new(move |x| {
+                Ok(ops::causal_attention(
+                    &x[0],
+                    &x[1],
+                    &x[2],
+                    &on(&mask, &x[0])?,
+                )?)
+            }),
+        ),
+        (
+            "swiglu",
+            vec![randn(&[24, 128], 8, 1.0)?, randn(&[24, 128], 9, 1.0)?],
+            Box::new(|x| Ok(ops::swiglu(&x[0], &x[1])?)),
+        ),
+        (
+            "cross_entropy",
+            vec![randn(&[24, 64], 10, 2.0)?],
+            Box::new(move |x| Ok(ops::cross_entropy(&x[0], &targets)?.0)),
+        ),
+    ];
+    for (name, inputs, f) in &cases {
+        let (ref_out, ref_grads) = value_and_grads(f.as_ref(), inputs, &Device::Cpu, DType::F32)?;
+        for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+            let (out, grads) = value_and_grads(f.as_ref(), inputs, cuda, dtype)?;
+            let mut err = rel_err(&out, &ref_out)?;
+            for (g, r) in grads.iter().zip(&ref_grads) {
+                err = err.max(rel_err(g, r)?);
+            }
+            rows.push(Row {
+                name: format!("{name} fwd+bwd"),
+                dtype,
+                err,
+                tol,
+            });
+        }
+    }
+    // The grid runs as plain tensor ops: identical values expected on both devices.
+    let w = randn(&[64, 128], 11, 0.02)?;
+    for (label, grid) in [
+        ("grid uniform/group", GridConfig::default()),
+        (
+            "grid levels",
+            GridConfig {
+                levels: Some(vec![-0.03, -0.01, 0.0, 0.01, 0.03]),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let g = TensorGrid::new(&grid, &w)?;
+        let gc = match &g {
+            TensorGrid::Uniform {
+                view,
+                scale,
+                half_levels,
+            } => TensorGrid::Uniform {
+                view: view.clone(),
+                scale: scale.to_device(cuda)?,
+                half_levels: *half_levels,
+            },
+            other => other.clone(),
+        };
+        let err = rel_err(&gc.quantize(&w.to_device(cuda)?)?, &g.quantize(&w)?)?;
+        rows.push(Row {
+            name: label.into(),
+            dtype: DType::F32,
+            err,
+            tol: 0.0,
+        });
+    }
+    // A tiny Llama: loss and every parameter's gradient.
+    let params_cpu = Params::random(&cfg, 21, DType::F32, &Device::Cpu)?;
+    let ids: Vec<u32> = (0..2 * 12).map(|i| (i * 13 % 64) as u32).collect();
+    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let run = |device: &Device, dtype: DType| -> Result<(Tensor, BTreeMap<String, Tensor>)> {
+        let tensors = params_cpu
+            .to_tensors()
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        let params = Params::from_tensors(&cfg, tensors, DType::F32)?;
+        let model = Llama::new(cfg.clone(), dtype, device);
+        let w = params.compute_weights(dtype, |_, x| Ok(x.clone()))?;
+        let input = Tensor::from_vec(ids.clone(), (2, 12), device)?;
+        let (loss, _) = model.loss(&w, &input, &labels)?;
+        let grads = loss.backward()?;
+        let g = params
+            .vars
+            .iter()
+            .map(|(n, v)| {
+                Ok((
+                    n.clone(),
+                    grads.get(v.as_tensor()).context("missing grad")?.clone(),
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok((loss, g))
+    };
+    let (ref_loss, ref_grads) = run(&Device::Cpu, DType::F32)?;
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+        let (loss, grads) = run(cuda, dtype)?;
+        let mut err = rel_err(&loss, &ref_loss)?;
+        for (n, g) in &grads {
+            err = err.max(rel_err(g, &ref_grads[n])?);
+        }
+        rows.push(Row {
+            name: "tiny llama loss + all grads".into(),
+            dtype,
+            err,
+            tol,
+        });
+    }
+    let mut ok = true;
+    println!(
+        "{:<32} {:>6} {:>11} {:>9}  result",
+        "check (CUDA vs CPU f32)", "dtype", "rel err", "tol"
+    );
+    for r in &rows {
+        let pass = r.err <= r.tol;
+        ok &= pass;
+        println!(
+            "{:<32} {:>6} {:>11.3e} {:>9.1e}  {}",
+            r.name,
+            format!("{:?}", r.dtype),
+            r.err,
+            r.tol,
+            if pass { "PASS" } else { "FAIL" }
+        );
+    }
+    Ok(ok)
+}
+
+/// A random Llama of a named shape as an HF checkpoint directory (tokenizer copied from `tokenizer`).
+pub fn write_random(shape: &str, tokenizer: &Path, out: &Path, seed: u64) -> Result<()> {
+    let cfg = match shape {
+        "tiny" => LlamaConfig {
+            vocab_size: 128_256,
+            bos_token_id: Some(128_000),
+            eos_token_ids: vec![128_001],
+            ..LlamaConfig::tiny(128_256, true)
+        },
+        "small" => LlamaConfig {
+            num_hidden_layers: 4,
+            hidden_size: 256,
+            intermediate_size: 1024,
+            num_attention_heads: 8,
+            num_key_value_heads: 2,
+            head_dim: 32,
+            rope_scaling: LlamaConfig::llama_3_2_1b().rope_scaling,
+            rope_theta: 500_000.0,
+            ..LlamaConfig::llama_3_2_1b()
+        },
+        "llama-3.2-1b" => LlamaConfig::llama_3_2_1b(),
+        other => bail!("unknown shape {other:?}: tiny, small or llama-3.2-1b"),
+    };
+    let tok = io::load_tokenizer(tokenizer)?;
+    let params = Params::random(&cfg, seed, DType::F32, &Device::Cpu)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    io::save_hf(out, &cfg, &params.to_tensors(), &tok)
+}
+
+/// Loss, last-position logits and the gradients of a few named tensors for fixed token ids.
+pub fn dump_grads(ckpt: &Path, device: &Device, compute: DType, out: &Path) -> Result<()> {
+    let loaded = io::load_model(ckpt)?;
+    let tensors = loaded
+        .tensors
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(device)?)))
+        .collect::<Result<_>>()?;
+    let params = Params::from_tensors(&loaded.cfg, tensors, DType::F32)?;
+    let model = Llama::new(loaded.cfg.clone(), compute, device);
+    let (b, t) = (2, 64);
+    let mut rng = crate::rng::Rng::new(77);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| rng.below(loaded.cfg.vocab_size) as u32)
+        .collect();
+    let labels: Vec<i64> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| if i % 17 == 3 { -100 } else { x as i64 })
+        .collect();
+    let w = params.compute_weights(compute, |_, x| Ok(x.clone()))?;
+    let input = Tensor::from_vec(ids.clone(), (b, t), device)?;
+    let (loss, _) = model.loss(&w, &input, &labels)?;
+    let grads = loss.backward()?;
+    let logits = model.logits(&w, &input)?.narrow(1, t - 1, 1)?;
+    let mut dump = BTreeMap::new();
+    dump.insert(
+        "ids".to_string(),
+        Tensor::from_vec(
+            ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+            (b, t),
+            &Device::Cpu,
+        )?,
+    );
+    dump.insert(
+        "labels".to_string(),
+        Tensor::from_vec(labels, (b, t), &Device::Cpu)?,
+    );
+    dump.insert("loss".to_string(), loss.to_dtype(DType::F32)?.reshape(1)?);
+    dump.insert("logits_last".to_string(), logits.to_dtype(DType::F32)?);
+    let last = loaded.cfg.num_hidden_layers - 1;
+    for name in [
+        "model.embed_tokens.weight".to_string(),
+        "model.layers.0.self_attn.q_proj.weight".to_string(),
+        "model.layers.0.self_attn.k_proj.weight".to_string(),
+        "model.layers.0.mlp.down_proj.weight".to_string(),
+        format!("model.layers.{last}.mlp.up_proj.weight"),
+        format!("model.layers.{last}.input_layernorm.weight"),
+        "model.norm.weight".to_string(),
+    ] {
+        let g = grads
+            .get(params.get(&name)?.as_tensor())
+            .with_context(|| format!("no gradient for {name}"))?;
+        dump.insert(format!("grad.{name}"), g.to_dtype(DType::F32)?);
+    }
+    let dump: BTreeMap<String, Tensor> = dump
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    let cpu: std::collections::HashMap<String, Tensor> = dump.into_iter().collect();
+    candle_core::safetensors::save(&cpu, out).with_context(|| format!("writing {}", out.display()))
+}
