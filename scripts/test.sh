@@ -15,3 +15,10 @@ export PROXQAT_PYTHON=$venv/bin/python
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
+# The CUDA build must not rot: compile everything with --features cuda (no GPU needed). The toolchain and
+# target dir live in a cache; a cold run adds ~20 minutes (nvcc over candle's kernels). Skip locally
+# with PROXQAT_SKIP_CUDA_CHECK=1.
+if [ "${PROXQAT_SKIP_CUDA_CHECK:-0}" != 1 ]; then
+  cache=${XDG_CACHE_HOME:-$HOME/.cache}/proxqat
+  PROXQAT_CUDA_PREFIX=$cache/cuda-toolchain PROXQAT_CUDA_TARGET=$cache/cuda-target bash scripts/build-cuda.sh --check
+fi

@@ -166,7 +166,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     }
     let weights = o
         .params
-        .compute_weights(o.model.dtype, |_, x| Ok(x.clone()))?;
+        .compute_weights(o.model.dtype, |_, x| Ok(x.detach()))?;
     if let Some(path) = &a.text {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading text file {}", path.display()))?;

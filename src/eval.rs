@@ -43,9 +43,10 @@ pub fn view_loss(
     view: View,
     batches: &[Batch],
 ) -> Result<f64> {
+    // Detached: evaluation needs no graph, and a tracked forward would keep every activation alive.
     let weights = params.compute_weights(model.dtype, |name, x| match quantizer {
-        Some(q) => q.view(name, x, view, false),
-        None => Ok(x.clone()),
+        Some(q) => q.view(name, &x.detach(), view, false),
+        None => Ok(x.detach()),
     })?;
     mean_loss(model, &weights, batches)
 }

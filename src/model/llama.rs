@@ -73,7 +73,9 @@ impl Params {
     }
 
     /// The weights the forward computes with: each master weight passed through `view` (identity,
-    /// or a quantized view for the selected tensors), then cast to the compute dtype.
+    /// or a quantized view for the selected tensors). Projection matrices are cast to the compute
+    /// dtype; embeddings and norm gains stay in the master dtype, so that (as under PyTorch autocast)
+    /// only matmuls run in bf16 and the residual stream stays f32.
     pub fn compute_weights(
         &self,
         dtype: DType,
@@ -81,7 +83,14 @@ impl Params {
     ) -> Result<BTreeMap<String, Tensor>> {
         self.vars
             .iter()
-            .map(|(name, var)| Ok((name.clone(), view(name, var.as_tensor())?.to_dtype(dtype)?)))
+            .map(|(name, var)| {
+                let w = view(name, var.as_tensor())?;
+                let is_projection = w.rank() == 2 && !name.contains("embed_tokens");
+                Ok((
+                    name.clone(),
+                    if is_projection { w.to_dtype(dtype)? } else { w },
+                ))
+            })
             .collect()
     }
 
@@ -136,8 +145,10 @@ impl Llama {
             w.get(&name)
                 .with_context(|| format!("missing weight `{name}`"))
         };
+        // Matmuls in the compute dtype; their outputs join the residual stream in its own dtype.
         let linear = |x: &Tensor, name: String| -> Result<Tensor> {
-            Ok(x.broadcast_matmul(&get(name)?.t()?)?)
+            let w = get(name)?;
+            Ok(x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?)
         };
         let mut x =
             get("model.embed_tokens.weight".into())?.index_select(&ids.flatten_all()?, 0)?;
@@ -159,7 +170,8 @@ impl Llama {
             let v = heads(kv, "v_proj")?.contiguous()?;
             let att = ops::causal_attention(&q, &k, &v, &mask)?;
             let att = att.transpose(1, 2)?.reshape((b, t, h * hd))?;
-            x = (x + linear(&att, format!("{p}.self_attn.o_proj.weight"))?)?;
+            x = (&x
+                + linear(&att, format!("{p}.self_attn.o_proj.weight"))?.to_dtype(x.dtype())?)?;
             let m = ops::rms_norm(
                 &x,
                 get(format!("{p}.post_attention_layernorm.weight"))?,
@@ -169,7 +181,7 @@ impl Llama {
                 &linear(&m, format!("{p}.mlp.gate_proj.weight"))?,
                 &linear(&m, format!("{p}.mlp.up_proj.weight"))?,
             )?;
-            x = (x + linear(&act, format!("{p}.mlp.down_proj.weight"))?)?;
+            x = (&x + linear(&act, format!("{p}.mlp.down_proj.weight"))?.to_dtype(x.dtype())?)?;
         }
         Ok(ops::rms_norm(
             &x,
@@ -178,19 +190,23 @@ impl Llama {
         )?)
     }
 
-    fn head<'a>(&self, w: &'a BTreeMap<String, Tensor>) -> Result<&'a Tensor> {
+    /// `hidden · headᵀ` in the compute dtype (a tied head is the embedding, cast here).
+    fn project(&self, w: &BTreeMap<String, Tensor>, hidden: &Tensor) -> Result<Tensor> {
         let name = if self.cfg.tie_word_embeddings {
             "model.embed_tokens.weight"
         } else {
             "lm_head.weight"
         };
-        w.get(name)
-            .with_context(|| format!("missing weight `{name}`"))
+        let head = w
+            .get(name)
+            .with_context(|| format!("missing weight `{name}`"))?
+            .to_dtype(self.dtype)?;
+        Ok(hidden.to_dtype(self.dtype)?.broadcast_matmul(&head.t()?)?)
     }
 
     /// Logits `(B, T, V)` in the compute dtype.
     pub fn logits(&self, w: &BTreeMap<String, Tensor>, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.hidden(w, ids)?.broadcast_matmul(&self.head(w)?.t()?)?)
+        self.project(w, &self.hidden(w, ids)?)
     }
 
     /// Token-mean next-token cross-entropy: position t predicts `labels[t + 1]` (−100 = ignored).
@@ -206,9 +222,7 @@ impl Llama {
         let targets: Vec<i64> = (0..b)
             .flat_map(|r| labels[r * t + 1..(r + 1) * t].iter().copied())
             .collect();
-        let logits = hidden
-            .reshape((b * (t - 1), self.cfg.hidden_size))?
-            .matmul(&self.head(w)?.t()?)?;
+        let logits = self.project(w, &hidden.reshape((b * (t - 1), self.cfg.hidden_size))?)?;
         Ok(ops::cross_entropy(&logits, &targets)?)
     }
 
@@ -226,7 +240,7 @@ impl Llama {
             let input = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
             let hidden = self.hidden(w, &input)?;
             let last = hidden.narrow(1, ids.len() - 1, 1)?.squeeze(1)?;
-            let logits = last.matmul(&self.head(w)?.t()?)?.to_dtype(DType::F32)?;
+            let logits = self.project(w, &last)?.to_dtype(DType::F32)?;
             let next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
             if stop.contains(&next) {
                 break;

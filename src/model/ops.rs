@@ -109,10 +109,11 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Re
     let group = h / kv;
     // Group the query heads that share a KV head so K and V are used without being copied.
     let q = q.reshape((b, kv, group * t, d))?;
-    let scores = q.matmul(&k.t()?)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
-    let scores = scores
-        .reshape((b, kv, group, t, t))?
-        .to_dtype(stat_dtype(q.dtype()))?;
+    // Scores are accumulated and kept in f32 (as fused attention kernels do): rounding them to bf16
+    // before the softmax biases the loss. Only the probabilities go back to bf16 for P·V.
+    let stat = stat_dtype(q.dtype());
+    let scores = q.to_dtype(stat)?.matmul(&k.to_dtype(stat)?.t()?)?;
+    let scores = (scores / (d as f64).sqrt())?.reshape((b, kv, group, t, t))?;
     let probs = softmax_last_dim(&scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?)?;
     let probs = probs.to_dtype(q.dtype())?.reshape((b, kv, group * t, t))?;
     probs.matmul(v)?.reshape((b, h, t, d))

@@ -20,7 +20,7 @@ pub fn harden(params: &Params, quantizer: &Quantizer, view: View) -> Result<Hard
     let mut moved = BTreeMap::new();
     for name in quantizer.grids.keys() {
         let var = params.get(name)?;
-        let old = var.as_tensor().copy()?;
+        let old = var.as_tensor().detach().copy()?;
         let new = quantizer.view(name, &old, view, false)?;
         moved.insert(
             name.clone(),

@@ -135,7 +135,7 @@ impl Quantizer {
         let names = cfg.select.select(params.vars.keys())?;
         let mut grids = BTreeMap::new();
         for n in names {
-            let grid = TensorGrid::new(&cfg.grid, params.get(&n)?.as_tensor())
+            let grid = TensorGrid::new(&cfg.grid, &params.get(&n)?.as_tensor().detach())
                 .with_context(|| format!("grid of `{n}`"))?;
             grids.insert(n, grid);
         }

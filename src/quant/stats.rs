@@ -40,7 +40,7 @@ pub struct Stats {
 pub fn compute(params: &Params, quantizer: &Quantizer, atol: f64) -> Result<Stats> {
     let mut rows = Vec::new();
     for (name, grid) in &quantizer.grids {
-        let c = grid.counts(params.get(name)?.as_tensor(), atol)?;
+        let c = grid.counts(&params.get(name)?.as_tensor().detach(), atol)?;
         let scale = match grid.scale() {
             Some(s) => s.to_dtype(candle_core::DType::F64)?.mean_all()?,
             None => Tensor::new(f64::NAN, c.hit.device())?,

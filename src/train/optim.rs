@@ -62,7 +62,8 @@ impl AdamW {
         lr: f64,
         how: Update,
     ) -> Result<()> {
-        let g = grad.to_dtype(DType::F32)?;
+        // Detached: optimizer state must never hold an autograd graph (it would grow every step).
+        let g = grad.detach().to_dtype(DType::F32)?;
         let (b1, b2) = (self.beta1, self.beta2);
         let m = match self.m.get(name) {
             Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
@@ -75,7 +76,7 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
         let dir = ((&m / bc1)? / ((v.sqrt()? / bc2.sqrt())? + self.eps)?)?;
-        let x = var.as_tensor().to_dtype(DType::F32)?;
+        let x = var.as_tensor().detach().to_dtype(DType::F32)?;
         let wd = if Self::decays(&x) {
             self.weight_decay
         } else {

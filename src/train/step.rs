@@ -154,7 +154,7 @@ impl Trainer {
                         (Method::Prox, Pull::Loss, _) => {
                             let mut total = (g * lambda)?;
                             if selected && pull > 0.0 {
-                                let x = var.as_tensor();
+                                let x = &var.as_tensor().detach();
                                 let qx = q.quantizer.q(name, x)?;
                                 let w = weights[name].to_device(x.device())?;
                                 total = (total
@@ -169,7 +169,7 @@ impl Trainer {
                             self.opt.update(name, var, &total, lr, Update::Plain)?;
                         }
                         (Method::Prox, Pull::Prox, true) => {
-                            let x = var.as_tensor();
+                            let x = &var.as_tensor().detach();
                             let qx = q.quantizer.q(name, x)?;
                             let coef = dist_loss::prox_coefficient(
                                 pull,
