@@ -8,8 +8,7 @@ use crate::cli::{CkptArgs, Cli, Command, EvalArgs, GpuCheck, HardenArgs, StatsAr
 use crate::config::{Config, DeviceChoice, Precision};
 use crate::data::{self, Encoder};
 use crate::eval;
-use crate::fsutil;
-use crate::model::io::{self, LoadedModel};
+use crate::model::io::LoadedModel;
 use crate::model::{Llama, Params};
 use crate::quant::{harden, stats, QuantConfig, Quantizer, View};
 use crate::train::{self, checkpoint};
@@ -271,35 +270,21 @@ fn run_harden(a: HardenArgs) -> Result<()> {
         tensors: o.params.to_tensors(),
         tokenizer: o.ckpt.model.tokenizer.clone(),
     };
-    let config = o.config.clone().context("harden needs a config")?;
-    fsutil::write_dir_atomic(&a.out, a.overwrite, |tmp| {
-        io::save_hf(tmp, &model.cfg, &model.tensors, &model.tokenizer)?;
-        io::save_safetensors(
-            &quantizer.scale_tensors(),
-            candle_core::DType::F32,
-            &tmp.join("quant_state.safetensors"),
-        )
-        .or_else(|e| {
-            if quantizer.scale_tensors().is_empty() {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
-        let state = checkpoint::TrainerState {
-            step: o.ckpt.state.as_ref().map(|s| s.step).unwrap_or(0),
-            cursor: Default::default(),
-            adam_t: 0,
-            dual: None,
-            gamma: None,
-            bad_steps: 0,
-            config,
-        };
-        fsutil::write_atomic(
-            &tmp.join("trainer_state.json"),
-            serde_json::to_string_pretty(&state)?.as_bytes(),
-        )
-    })?;
+    let state = checkpoint::TrainerState {
+        step: o.ckpt.state.as_ref().map(|s| s.step).unwrap_or(0),
+        cursor: Default::default(),
+        adam_t: 0,
+        dual: None,
+        gamma: None,
+        bad_steps: 0,
+        config: o.config.clone().context("harden needs a config")?,
+    };
+    let parts = checkpoint::SaveParts {
+        state: &state,
+        optimizer: BTreeMap::new(),
+        quant: quantizer.scale_tensors(),
+    };
+    checkpoint::write(&a.out, a.overwrite, &model, parts)?;
     let total: usize = hardened.moved.values().sum();
     let numel: usize = quantizer
         .grids

@@ -212,3 +212,97 @@ fn bad_configs_are_refused_with_the_key_named() {
             && String::from_utf8_lossy(&out.stderr).contains("train.global_batch")
     );
 }
+
+#[test]
+fn shipped_configs_parse() {
+    for name in ["alpaca.toml", "demo.toml"] {
+        let path = common::repo().join("configs").join(name);
+        let cfg =
+            proxqat::config::Config::load(&path, &[]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert!(cfg.quant.is_some(), "{name} runs Prox-QAT");
+    }
+    let seed =
+        proxqat::config::Config::load(&common::repo().join("configs/alpaca.toml"), &[]).unwrap();
+    assert_eq!(
+        (
+            seed.train.micro_batch,
+            seed.train.global_batch,
+            seed.train.max_steps,
+            seed.data.max_seq_length
+        ),
+        (4, 128, 3000, 256)
+    );
+}
+
+#[test]
+fn eval_text_perplexity_follows_the_gptq_protocol_and_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model_dir(&model, 5);
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(8); // 360 bytes = byte tokens
+    std::fs::write(tmp.path().join("t.txt"), &text).unwrap();
+    let ev = stdout_json(&run_bin(
+        &[
+            "eval",
+            "--ckpt",
+            model.to_str().unwrap(),
+            "--text",
+            "t.txt",
+            "--seq-len",
+            "64",
+            "--prompt",
+            "The",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ],
+        tmp.path(),
+    ));
+    assert_eq!(ev["text_tokens"].as_u64(), Some(360));
+    assert_eq!(
+        ev["text_windows"].as_u64(),
+        Some(5),
+        "floor(360 / 64) non-overlapping windows"
+    );
+    // Independent recomputation: mean over windows of each window's token-mean CE.
+    let loaded = proxqat::model::io::load_model(&model).unwrap();
+    let params =
+        proxqat::model::Params::from_tensors(&loaded.cfg, loaded.tensors, candle_core::DType::F32)
+            .unwrap();
+    let llama = proxqat::model::Llama::new(
+        loaded.cfg.clone(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    );
+    let w = params
+        .compute_weights(candle_core::DType::F32, |_, x| Ok(x.clone()))
+        .unwrap();
+    let ids = loaded
+        .tokenizer
+        .encode(text.as_str(), false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let mut means = vec![];
+    for win in ids.chunks(64).take(5) {
+        let input = candle_core::Tensor::new(win, &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let labels: Vec<i64> = win.iter().map(|&i| i as i64).collect();
+        means.push(
+            llama
+                .loss(&w, &input, &labels)
+                .unwrap()
+                .0
+                .to_scalar::<f32>()
+                .unwrap() as f64,
+        );
+    }
+    let mean = means.iter().sum::<f64>() / 5.0;
+    assert!((ev["text_mean_ce"].as_f64().unwrap() - mean).abs() < 1e-5);
+    assert!((ev["text_ppl"].as_f64().unwrap() - mean.exp()).abs() < 1e-3 * mean.exp());
+    let g = &ev["generations"][0];
+    assert_eq!(g["prompt"], "The");
+    assert!(g["token_ids"].as_array().unwrap().len() <= 5);
+}

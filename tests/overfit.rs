@@ -85,3 +85,21 @@ fn adamw_matches_a_hand_computed_pytorch_step() {
         );
     }
 }
+
+#[test]
+fn adam_state_never_holds_an_autograd_graph() {
+    // A gradient built from the parameter itself (as the dist term is) must not chain the optimizer's
+    // moments to the step's graph: that graph would be kept alive, and grow, step after step.
+    let var =
+        candle_core::Var::from_tensor(&Tensor::ones((4, 4), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+    let grad = (var.as_tensor() * 2.0).unwrap();
+    assert!(
+        grad.track_op(),
+        "precondition: the gradient expression tracks the variable"
+    );
+    let mut opt = AdamW::new(0.9, 0.95, 1e-8, 0.1);
+    opt.begin_step();
+    opt.update("w", &var, &grad, 1e-2, Update::Plain).unwrap();
+    assert!(!opt.m["w"].track_op() && !opt.v["w"].track_op());
+}

@@ -161,3 +161,59 @@ fn smollm2_short_prox_qat_run_moves_toward_the_grid() {
     );
     assert!(gap1 < gap0, "q-gap did not shrink: {gap0} -> {gap1}");
 }
+
+/// Every training variant runs through the one step function: STE, gradient at q(x) or selective,
+/// the prox pull, γ control, the sigmoid-log sensitivity map, and a one-shot harden.
+#[test]
+fn every_variant_trains_and_harden_at_snaps_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model_dir(&model, 4);
+    let grid = "[quant.grid]\nbits = 4\nscale = \"channel\"\n";
+    let variants = [
+        ("ste", "method = \"ste\""),
+        ("grad-q", "grad_at = \"q\""),
+        ("selective", "grad_at = \"selective\"\natol = 2e-3"),
+        ("prox-gamma", "pull = \"prox\"\ndist_scale = 100.0\n[quant.gamma]\nenable = true\nstart = 2\nevery = 1"),
+        ("sigmoid-log", "[quant.sens]\nmap = \"sigmoid_log\""),
+    ];
+    for (name, q) in variants {
+        let r = train(
+            tmp.path(),
+            name,
+            &model,
+            &format!("{grid}[quant]\nstats_every = 1\n{q}\n"),
+            &["train.max_steps=3"],
+        );
+        let last = r.last_eval["val_loss_fp"].as_f64().unwrap();
+        assert!(
+            last.is_finite() && last < r.first_eval["val_loss_fp"].as_f64().unwrap(),
+            "{name}: val loss did not fall"
+        );
+    }
+    // harden_at = 2: after step 2 starts every selected weight is on the grid, so the step's stats see
+    // only the distance one optimizer step can open (lr 1e-6 keeps it below atol).
+    let r = train(
+        tmp.path(),
+        "harden",
+        &model,
+        &format!("{grid}[quant]\nharden_at = 2\nstats_every = 1\n"),
+        &["train.max_steps=3", "train.lr=1e-6", "train.min_lr=1e-6"],
+    );
+    assert!(
+        r.hit[0] < 0.9,
+        "before hardening the weights are off the grid: {:?}",
+        r.hit
+    );
+    assert!(
+        r.hit[2] == 1.0,
+        "after harden_at every selected weight hits: {:?}",
+        r.hit
+    );
+    let gap =
+        r.last_eval["val_loss_q"].as_f64().unwrap() - r.last_eval["val_loss_fp"].as_f64().unwrap();
+    assert!(
+        gap.abs() < 1e-4,
+        "hardened: q loss = fp loss, got gap {gap}"
+    );
+}

@@ -132,3 +132,39 @@ print(json.dumps([enc.encode(t) for t in json.loads(sys.argv[2])]))
     assert_eq!(tok.get_vocab_size(true), 128256);
     assert_eq!(tok.encode("Hi", true).unwrap().get_ids()[0], 128000);
 }
+
+#[test]
+fn stats_of_a_bare_gguf_take_the_quant_section_from_config() {
+    let gguf = common::assets().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let cfg = common::repo().join("configs/demo.toml");
+    let out = common::run_bin(
+        &[
+            "stats",
+            "--ckpt",
+            gguf.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--json",
+        ],
+        &common::repo(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        s["tensors"].as_array().unwrap().len(),
+        90,
+        "mlp mode on 30 layers"
+    );
+    assert_eq!(s["total"]["numel"].as_u64(), Some(30 * 3 * 576 * 1536));
+    let without = common::run_bin(
+        &["stats", "--ckpt", gguf.to_str().unwrap()],
+        &common::repo(),
+    );
+    assert!(
+        !without.status.success() && String::from_utf8_lossy(&without.stderr).contains("--config")
+    );
+}

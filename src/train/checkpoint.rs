@@ -94,11 +94,9 @@ pub struct SaveParts<'a> {
     pub quant: BTreeMap<String, Tensor>,
 }
 
-/// Write `out_dir/step-NNNNNN` atomically, then move `out_dir/latest` to it.
-pub fn save(out_dir: &Path, model: &LoadedModel, parts: SaveParts) -> Result<PathBuf> {
-    let name = format!("step-{:06}", parts.state.step);
-    let dir = out_dir.join(&name);
-    fsutil::write_dir_atomic(&dir, true, |tmp| {
+/// Write a checkpoint directory atomically (an existing `dir` is replaced only with `overwrite`).
+pub fn write(dir: &Path, overwrite: bool, model: &LoadedModel, parts: SaveParts) -> Result<()> {
+    fsutil::write_dir_atomic(dir, overwrite, |tmp| {
         io::save_hf(tmp, &model.cfg, &model.tensors, &model.tokenizer)?;
         if !parts.optimizer.is_empty() {
             io::save_safetensors(
@@ -116,7 +114,14 @@ pub fn save(out_dir: &Path, model: &LoadedModel, parts: SaveParts) -> Result<Pat
         }
         let json = serde_json::to_string_pretty(parts.state)?;
         fsutil::write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())
-    })?;
+    })
+}
+
+/// Write `out_dir/step-NNNNNN`, then move `out_dir/latest` to it.
+pub fn save(out_dir: &Path, model: &LoadedModel, parts: SaveParts) -> Result<PathBuf> {
+    let name = format!("step-{:06}", parts.state.step);
+    let dir = out_dir.join(&name);
+    write(&dir, true, model, parts)?;
     fsutil::write_atomic(&out_dir.join("latest"), name.as_bytes())?;
     Ok(dir)
 }
