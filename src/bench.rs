@@ -114,8 +114,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         tensors,
         tokenizer,
     };
-    let mut trainer =
-        Trainer::from_parts(cfg, loaded, records, None).context("building the bench trainer")?;
+    let mut trainer = Trainer::from_parts(cfg, loaded, records, None).context("building the bench trainer")?;
     trainer.step()?; // warm-up: kernels, allocator pools, Adam state
     trainer.profile = Some(Profile::default());
     let started = std::time::Instant::now();

@@ -17,9 +17,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => {
             let cfg = Config::load(&a.config, &a.overrides)?;
-            let resume = a
-                .resume
-                .map(|dir| dir.unwrap_or_else(|| cfg.train.out_dir.clone()));
+            let resume = a.resume.map(|dir| dir.unwrap_or_else(|| cfg.train.out_dir.clone()));
             train::train(cfg, resume)
         }
         Command::Eval(a) => run_eval(a),
@@ -64,10 +62,7 @@ fn open(a: &CkptArgs) -> Result<Opened> {
         other => bail!("--device {other:?}: use cpu, cuda or auto"),
     };
     let device = train::pick_device(choice)?;
-    let precision = config
-        .as_ref()
-        .map(|c| c.train.precision)
-        .unwrap_or(Precision::Auto);
+    let precision = config.as_ref().map(|c| c.train.precision).unwrap_or(Precision::Auto);
     let (master, compute) = train::dtypes(precision, &device);
     let tensors: BTreeMap<String, Tensor> = ckpt
         .model
@@ -122,10 +117,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let data_source = match (&a.data, &o.config) {
         (Some(path), _) => Some((
             data::alpaca::load_records(path)?,
-            o.config
-                .as_ref()
-                .map(|c| c.data.max_seq_length)
-                .unwrap_or(256),
+            o.config.as_ref().map(|c| c.data.max_seq_length).unwrap_or(256),
             false,
         )),
         (None, Some(cfg)) if a.text.is_none() && a.prompt.is_empty() => {
@@ -163,19 +155,13 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             out["val_loss_fsq"] = fsq.into();
         }
     }
-    let weights = o
-        .params
-        .compute_weights(o.model.dtype, |_, x| Ok(x.detach()))?;
+    let weights = o.params.compute_weights(o.model.dtype, |_, x| Ok(x.detach()))?;
     if let Some(path) = &a.text {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading text file {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading text file {}", path.display()))?;
         let p = eval::text_perplexity(&o.model, &weights, tok, &text, a.seq_len)?;
-        out.as_object_mut().expect("object").extend(
-            serde_json::to_value(p)?
-                .as_object()
-                .expect("object")
-                .clone(),
-        );
+        out.as_object_mut()
+            .expect("object")
+            .extend(serde_json::to_value(p)?.as_object().expect("object").clone());
     }
     if !a.prompt.is_empty() {
         let gens = a
@@ -234,9 +220,7 @@ fn run_stats(a: StatsArgs) -> Result<()> {
             t.hit_rate,
             t.sat_rate,
             t.mean_abs_err,
-            t.scale
-                .map(|s| format!("{s:.3e}"))
-                .unwrap_or_else(|| "levels".into())
+            t.scale.map(|s| format!("{s:.3e}")).unwrap_or_else(|| "levels".into())
         );
     }
     println!(
@@ -252,18 +236,17 @@ fn run_stats(a: StatsArgs) -> Result<()> {
 fn run_harden(a: HardenArgs) -> Result<()> {
     let o = open(&a.ckpt)?;
     if o.ckpt.dir.canonicalize().ok() == a.out.canonicalize().ok() || a.out == a.ckpt.ckpt {
-        bail!("--out {} is the input checkpoint; harden writes a new checkpoint, never over its input", a.out.display());
+        bail!(
+            "--out {} is the input checkpoint; harden writes a new checkpoint, never over its input",
+            a.out.display()
+        );
     }
     let quantizer = o.require_quantizer()?;
     let atol = a.atol.unwrap_or(quantizer.cfg.atol);
     if atol < 0.0 {
         bail!("--atol {atol} must be ≥ 0");
     }
-    let view = if a.all {
-        View::Hard
-    } else {
-        View::Selective(atol)
-    };
+    let view = if a.all { View::Hard } else { View::Selective(atol) };
     let hardened = harden::harden(&o.params, &quantizer, view)?;
     let model = LoadedModel {
         cfg: o.ckpt.model.cfg.clone(),
@@ -286,11 +269,7 @@ fn run_harden(a: HardenArgs) -> Result<()> {
     };
     checkpoint::write(&a.out, a.overwrite, &model, parts)?;
     let total: usize = hardened.moved.values().sum();
-    let numel: usize = quantizer
-        .grids
-        .keys()
-        .map(|n| o.params.vars[n].elem_count())
-        .sum();
+    let numel: usize = quantizer.grids.keys().map(|n| o.params.vars[n].elem_count()).sum();
     if a.ckpt.json {
         print_json(&serde_json::json!({
             "out": a.out, "mode": if a.all { "all" } else { "selective" }, "atol": atol,
@@ -299,10 +278,7 @@ fn run_harden(a: HardenArgs) -> Result<()> {
         }));
     } else {
         for (n, m) in &hardened.moved {
-            println!(
-                "{n:<44} moved {m:>10} of {:>10}",
-                o.params.vars[n].elem_count()
-            );
+            println!("{n:<44} moved {m:>10} of {:>10}", o.params.vars[n].elem_count());
         }
         println!(
             "hardened {} ({}): moved {total} of {numel} selected weights; wrote {}",
@@ -323,11 +299,7 @@ fn run_gpu_check(c: GpuCheck) -> Result<()> {
             }
             Ok(())
         }
-        GpuCheck::WriteRandom {
-            shape,
-            tokenizer,
-            out,
-        } => crate::gpu_check::write_random(&shape, &tokenizer, &out, 1),
+        GpuCheck::WriteRandom { shape, tokenizer, out } => crate::gpu_check::write_random(&shape, &tokenizer, &out, 1),
         GpuCheck::DumpGrads {
             ckpt,
             dtype,

@@ -153,10 +153,8 @@ fn d_seq() -> usize {
 impl Config {
     /// Read a TOML file, apply `key=value` overrides, resolve paths relative to the file, validate.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config {}", path.display()))?;
-        let mut cfg = Self::parse(&text, overrides)
-            .with_context(|| format!("in config {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let mut cfg = Self::parse(&text, overrides).with_context(|| format!("in config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.model.path, &mut cfg.data.path] {
             if p.is_relative() && !p.exists() && base.join(&*p).exists() {
@@ -180,10 +178,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
-        if t.micro_batch == 0
-            || t.global_batch == 0
-            || !t.global_batch.is_multiple_of(t.micro_batch)
-        {
+        if t.micro_batch == 0 || t.global_batch == 0 || !t.global_batch.is_multiple_of(t.micro_batch) {
             bail!(
                 "train.global_batch ({}) must be a positive multiple of train.micro_batch ({})",
                 t.global_batch,

@@ -19,11 +19,7 @@ pub struct Losses {
 }
 
 /// Token-weighted mean loss over `batches` (one host read at the end).
-pub fn mean_loss(
-    model: &Llama,
-    weights: &BTreeMap<String, Tensor>,
-    batches: &[Batch],
-) -> Result<f64> {
+pub fn mean_loss(model: &Llama, weights: &BTreeMap<String, Tensor>, batches: &[Batch]) -> Result<f64> {
     let mut total = Tensor::zeros((), DType::F64, &model.device)?;
     let mut count = 0usize;
     for b in batches {
@@ -51,12 +47,7 @@ pub fn view_loss(
     mean_loss(model, &weights, batches)
 }
 
-pub fn losses(
-    model: &Llama,
-    params: &Params,
-    quantizer: Option<&Quantizer>,
-    batches: &[Batch],
-) -> Result<Losses> {
+pub fn losses(model: &Llama, params: &Params, quantizer: Option<&Quantizer>, batches: &[Batch]) -> Result<Losses> {
     let fp = view_loss(model, params, quantizer, View::Float, batches)?;
     let (q, fsq) = match quantizer {
         None => (None, None),
@@ -147,9 +138,7 @@ pub fn generate(
         anyhow::bail!("the prompt is empty");
     }
     let out = model.generate(weights, &ids, max_new, &model.cfg.eos_token_ids)?;
-    let completion = tok
-        .decode(&out, true)
-        .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+    let completion = tok.decode(&out, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
     Ok(Generation {
         prompt: prompt.to_string(),
         completion,

@@ -20,8 +20,7 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) ->
         std::fs::File::open(&tmp)?
             .sync_all()
             .with_context(|| format!("syncing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -31,8 +30,7 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) ->
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |tmp| {
-        let mut f =
-            std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)
             .with_context(|| format!("writing {}", tmp.display()))?;
         Ok(())
@@ -41,16 +39,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Build a directory atomically: `fill` writes into a fresh temporary sibling, which is then renamed
 /// to `dir`. An existing `dir` is replaced only when `overwrite` is set.
-pub fn write_dir_atomic(
-    dir: &Path,
-    overwrite: bool,
-    fill: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
+pub fn write_dir_atomic(dir: &Path, overwrite: bool, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if dir.is_file() {
-        bail!(
-            "{} is a file; give a directory path for the output",
-            dir.display()
-        );
+        bail!("{} is a file; give a directory path for the output", dir.display());
     }
     if dir.exists() && !overwrite {
         bail!(
@@ -59,8 +50,7 @@ pub fn write_dir_atomic(
         );
     }
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
     let tmp = temp_name(dir);
     let _ = std::fs::remove_dir_all(&tmp);
@@ -78,12 +68,10 @@ pub fn write_dir_atomic(
             std::process::id()
         ));
         std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
-        std::fs::rename(&tmp, dir)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+        std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&tmp, dir)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+        std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     }
     Ok(())
 }

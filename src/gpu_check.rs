@@ -40,9 +40,7 @@ fn value_and_grads(
         .collect::<candle_core::Result<_>>()?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = f(&ts)?;
-    let probe = randn(out.dims(), 1234, 1.0)?
-        .to_device(device)?
-        .to_dtype(out.dtype())?;
+    let probe = randn(out.dims(), 1234, 1.0)?.to_device(device)?.to_dtype(out.dtype())?;
     let grads = (&out * probe)?.sum_all()?.backward()?;
     let g = vars
         .iter()
@@ -70,18 +68,10 @@ pub fn parity(cuda: &Device) -> Result<bool> {
     let (cos, sin) = ops::rope_tables(&cfg, 12, DType::F32, &Device::Cpu)?;
     let mask = ops::causal_mask(12, DType::F32, &Device::Cpu)?;
     let targets: Vec<i64> = (0..24)
-        .map(|i| {
-            if i % 5 == 0 {
-                -100
-            } else {
-                (i * 7 % 64) as i64
-            }
-        })
+        .map(|i| if i % 5 == 0 { -100 } else { (i * 7 % 64) as i64 })
         .collect();
     type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
-    let on = |t: &Tensor, like: &Tensor| -> Result<Tensor> {
-        Ok(t.to_device(like.device())?.to_dtype(like.dtype())?)
-    };
+    let on = |t: &Tensor, like: &Tensor| -> Result<Tensor> { Ok(t.to_device(like.device())?.to_dtype(like.dtype())?) };
     let cases: Vec<(&str, Vec<Tensor>, OpFn)> = vec![
         (
             "rms_norm",
@@ -105,14 +95,7 @@ pub fn parity(cuda: &Device) -> Result<bool> {
                 randn(&[2, 2, 12, 16], 6, 1.0)?,
                 randn(&[2, 2, 12, 16], 7, 1.0)?,
             ],
-            Box::new(move |x| {
-                Ok(ops::causal_attention(
-                    &x[0],
-                    &x[1],
-                    &x[2],
-                    &on(&mask, &x[0])?,
-                )?)
-            }),
+            Box::new(move |x| Ok(ops::causal_attention(&x[0], &x[1], &x[2], &on(&mask, &x[0])?)?)),
         ),
         (
             "swiglu",
@@ -193,12 +176,7 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         let g = params
             .vars
             .iter()
-            .map(|(n, v)| {
-                Ok((
-                    n.clone(),
-                    grads.get(v.as_tensor()).context("missing grad")?.clone(),
-                ))
-            })
+            .map(|(n, v)| Ok((n.clone(), grads.get(v.as_tensor()).context("missing grad")?.clone())))
             .collect::<Result<_>>()?;
         Ok((loss, g))
     };
@@ -277,9 +255,7 @@ pub fn dump_grads(ckpt: &Path, device: &Device, compute: DType, out: &Path) -> R
     let model = Llama::new(loaded.cfg.clone(), compute, device);
     let (b, t) = (2, 64);
     let mut rng = crate::rng::Rng::new(77);
-    let ids: Vec<u32> = (0..b * t)
-        .map(|_| rng.below(loaded.cfg.vocab_size) as u32)
-        .collect();
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.below(loaded.cfg.vocab_size) as u32).collect();
     let labels: Vec<i64> = ids
         .iter()
         .enumerate()
@@ -293,16 +269,9 @@ pub fn dump_grads(ckpt: &Path, device: &Device, compute: DType, out: &Path) -> R
     let mut dump = BTreeMap::new();
     dump.insert(
         "ids".to_string(),
-        Tensor::from_vec(
-            ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-            (b, t),
-            &Device::Cpu,
-        )?,
+        Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), (b, t), &Device::Cpu)?,
     );
-    dump.insert(
-        "labels".to_string(),
-        Tensor::from_vec(labels, (b, t), &Device::Cpu)?,
-    );
+    dump.insert("labels".to_string(), Tensor::from_vec(labels, (b, t), &Device::Cpu)?);
     dump.insert("loss".to_string(), loss.to_dtype(DType::F32)?.reshape(1)?);
     dump.insert("logits_last".to_string(), logits.to_dtype(DType::F32)?);
     let last = loaded.cfg.num_hidden_layers - 1;

@@ -22,10 +22,8 @@ impl Metrics {
             .with_context(|| format!("opening {}", path.display()))?;
         let bar = ProgressBar::new(total_steps as u64);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} step {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("the template is valid"),
+            ProgressStyle::with_template("{spinner} step {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .expect("the template is valid"),
         );
         bar.set_position(start as u64);
         Ok(Metrics { file, bar })
@@ -36,12 +34,7 @@ impl Metrics {
         self.file.flush().context("writing metrics.jsonl")
     }
 
-    pub fn step(
-        &mut self,
-        r: &StepReport,
-        extra: serde_json::Value,
-        tokens_per_s: f64,
-    ) -> Result<()> {
+    pub fn step(&mut self, r: &StepReport, extra: serde_json::Value, tokens_per_s: f64) -> Result<()> {
         let mut v = serde_json::to_value(r)?;
         v["kind"] = "train".into();
         v["tokens_per_s"] = tokens_per_s.into();
@@ -50,10 +43,7 @@ impl Metrics {
         }
         self.write(&v)?;
         self.bar.set_position(r.step as u64);
-        let mut msg = format!(
-            "loss {:.4} lr {:.2e} {:.0} tok/s",
-            r.loss, r.lr, tokens_per_s
-        );
+        let mut msg = format!("loss {:.4} lr {:.2e} {:.0} tok/s", r.loss, r.lr, tokens_per_s);
         if let Some(l) = r.lambda {
             msg += &format!(" λ {l:.3}");
         }

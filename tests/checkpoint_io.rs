@@ -23,22 +23,7 @@ fn save_then_load_is_bit_exact() {
         assert_eq!(loaded.cfg, cfg);
         assert_eq!(loaded.tensors.len(), params.vars.len());
         for (name, t) in params.to_tensors() {
-            let a: Vec<u32> = t
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect();
-            let b: Vec<u32> = loaded.tensors[&name]
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect();
+            let (a, b) = (common::bits(&t), common::bits(&loaded.tensors[&name]));
             assert_eq!(a, b, "{name} changed in the round trip");
         }
         Params::from_tensors(&loaded.cfg, loaded.tensors, DType::F32).unwrap();
@@ -50,12 +35,7 @@ fn bf16_checkpoints_load_as_f32() {
     let cfg = LlamaConfig::tiny(40, true);
     let params = Params::random(&cfg, 12, DType::F32, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    io::save_safetensors(
-        &params.to_tensors(),
-        DType::BF16,
-        &dir.path().join("model.safetensors"),
-    )
-    .unwrap();
+    io::save_safetensors(&params.to_tensors(), DType::BF16, &dir.path().join("model.safetensors")).unwrap();
     let loaded = io::load_safetensors_dir(dir.path()).unwrap();
     let name = "model.layers.0.mlp.up_proj.weight";
     assert_eq!(loaded[name].dtype(), DType::F32);
@@ -96,18 +76,8 @@ fn sharded_checkpoints_load() {
             b.insert(name, t)
         };
     }
-    io::save_safetensors(
-        &a,
-        DType::F32,
-        &dir.path().join("model-00001-of-00002.safetensors"),
-    )
-    .unwrap();
-    io::save_safetensors(
-        &b,
-        DType::F32,
-        &dir.path().join("model-00002-of-00002.safetensors"),
-    )
-    .unwrap();
+    io::save_safetensors(&a, DType::F32, &dir.path().join("model-00001-of-00002.safetensors")).unwrap();
+    io::save_safetensors(&b, DType::F32, &dir.path().join("model-00002-of-00002.safetensors")).unwrap();
     std::fs::write(
         dir.path().join("model.safetensors.index.json"),
         serde_json::json!({"weight_map": map}).to_string(),
@@ -151,18 +121,17 @@ fn missing_extra_and_misshapen_tensors_are_named() {
 
 #[test]
 fn config_json_errors_name_the_field() {
-    let err = LlamaConfig::from_hf_json(r#"{"model_type":"llama","vocab_size":10,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2}"#)
-        .err()
-        .unwrap();
+    let err = LlamaConfig::from_hf_json(
+        r#"{"model_type":"llama","vocab_size":10,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2}"#,
+    )
+    .err()
+    .unwrap();
     assert!(format!("{err:#}").contains("hidden_size"));
     let err = LlamaConfig::from_hf_json(r#"{"hidden_size":8,"vocab_size":10,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"rope_scaling":{"rope_type":"yarn","factor":2}}"#)
         .err()
         .unwrap();
     assert!(format!("{err:#}").contains("yarn"));
     let llama = LlamaConfig::llama_3_2_1b();
-    assert_eq!(
-        LlamaConfig::from_hf_json(&llama.to_hf_json()).unwrap(),
-        llama
-    );
+    assert_eq!(LlamaConfig::from_hf_json(&llama.to_hf_json()).unwrap(), llama);
     assert_eq!(llama.num_params(), 1_235_814_400);
 }

@@ -5,11 +5,7 @@ mod common;
 use common::{run_bin, tiny_config, tiny_model_dir};
 
 fn stdout_json(out: &std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).expect("stdout is one JSON object")
 }
 
@@ -31,11 +27,7 @@ fn train_eval_stats_harden_round_trip() {
     let train: Vec<_> = lines.iter().filter(|l| l["kind"] == "train").collect();
     assert_eq!(train.len(), 4);
     for l in &train {
-        assert!(
-            l["loss"].as_f64().unwrap().is_finite()
-                && l["lambda"].is_number()
-                && l["hit_rate"].is_number()
-        );
+        assert!(l["loss"].as_f64().unwrap().is_finite() && l["lambda"].is_number() && l["hit_rate"].is_number());
     }
     let evals: Vec<_> = lines.iter().filter(|l| l["kind"] == "eval").collect();
     assert_eq!(evals.len(), 2, "initial and final evals");
@@ -43,33 +35,14 @@ fn train_eval_stats_harden_round_trip() {
         evals[1]["val_loss_fp"].as_f64().unwrap() < evals[0]["val_loss_fp"].as_f64().unwrap(),
         "val loss falls"
     );
-    assert_eq!(
-        std::fs::read_to_string(run.join("latest")).unwrap(),
-        "step-000004"
-    );
+    assert_eq!(std::fs::read_to_string(run.join("latest")).unwrap(), "step-000004");
 
     let ev = stdout_json(&run_bin(
-        &[
-            "eval",
-            "--ckpt",
-            run.to_str().unwrap(),
-            "--json",
-            "--device",
-            "cpu",
-        ],
+        &["eval", "--ckpt", run.to_str().unwrap(), "--json", "--device", "cpu"],
         tmp.path(),
     ));
-    for key in [
-        "val_loss",
-        "val_ppl",
-        "val_loss_fp",
-        "val_loss_q",
-        "val_loss_fsq",
-    ] {
-        assert!(
-            ev[key].as_f64().unwrap().is_finite(),
-            "eval --json lacks {key}: {ev}"
-        );
+    for key in ["val_loss", "val_ppl", "val_loss_fp", "val_loss_q", "val_loss_fsq"] {
+        assert!(ev[key].as_f64().unwrap().is_finite(), "eval --json lacks {key}: {ev}");
     }
     let final_eval = evals[1]["val_loss_fp"].as_f64().unwrap();
     assert!(
@@ -104,14 +77,7 @@ fn train_eval_stats_harden_round_trip() {
     ));
     assert!(h["moved"].as_u64().unwrap() > 0);
     let st2 = stdout_json(&run_bin(
-        &[
-            "stats",
-            "--ckpt",
-            hard.to_str().unwrap(),
-            "--json",
-            "--atol",
-            "0",
-        ],
+        &["stats", "--ckpt", hard.to_str().unwrap(), "--json", "--atol", "0"],
         tmp.path(),
     ));
     assert_eq!(
@@ -138,9 +104,7 @@ fn train_eval_stats_harden_round_trip() {
         ],
         tmp.path(),
     );
-    assert!(
-        !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--overwrite")
-    );
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
 
     // Resume continues from step 4 to 6 and appends to metrics.jsonl.
     let out = run_bin(
@@ -161,10 +125,7 @@ fn train_eval_stats_harden_round_trip() {
     );
     let lines = common::metrics(&run);
     assert_eq!(lines.iter().filter(|l| l["kind"] == "train").count(), 6);
-    assert_eq!(
-        std::fs::read_to_string(run.join("latest")).unwrap(),
-        "step-000006"
-    );
+    assert_eq!(std::fs::read_to_string(run.join("latest")).unwrap(), "step-000006");
 }
 
 #[test]
@@ -174,10 +135,7 @@ fn bad_configs_are_refused_with_the_key_named() {
     tiny_model_dir(&model, 2);
     let cases = [
         ("[quant]\nstpe = 1\n", "stpe"),
-        (
-            "[quant.grid]\nscale = \"absolute\"\nstep = 0.0\n",
-            "quant.grid.step",
-        ),
+        ("[quant.grid]\nscale = \"absolute\"\nstep = 0.0\n", "quant.grid.step"),
         ("[quant.grid]\nlevels = [0.1, -0.1]\n", "ascending"),
         ("[quant.grid]\nbits = 12\n", "quant.grid.bits"),
         ("[quant]\natol = -1.0\n", "quant.atol"),
@@ -207,22 +165,17 @@ fn bad_configs_are_refused_with_the_key_named() {
         ],
         tmp.path(),
     );
-    assert!(
-        !out.status.success()
-            && String::from_utf8_lossy(&out.stderr).contains("train.global_batch")
-    );
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("train.global_batch"));
 }
 
 #[test]
 fn shipped_configs_parse() {
     for name in ["alpaca.toml", "demo.toml"] {
         let path = common::repo().join("configs").join(name);
-        let cfg =
-            proxqat::config::Config::load(&path, &[]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let cfg = proxqat::config::Config::load(&path, &[]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         assert!(cfg.quant.is_some(), "{name} runs Prox-QAT");
     }
-    let seed =
-        proxqat::config::Config::load(&common::repo().join("configs/alpaca.toml"), &[]).unwrap();
+    let seed = proxqat::config::Config::load(&common::repo().join("configs/alpaca.toml"), &[]).unwrap();
     assert_eq!(
         (
             seed.train.micro_batch,
@@ -266,14 +219,8 @@ fn eval_text_perplexity_follows_the_gptq_protocol_and_generates() {
     );
     // Independent recomputation: mean over windows of each window's token-mean CE.
     let loaded = proxqat::model::io::load_model(&model).unwrap();
-    let params =
-        proxqat::model::Params::from_tensors(&loaded.cfg, loaded.tensors, candle_core::DType::F32)
-            .unwrap();
-    let llama = proxqat::model::Llama::new(
-        loaded.cfg.clone(),
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    );
+    let params = proxqat::model::Params::from_tensors(&loaded.cfg, loaded.tensors, candle_core::DType::F32).unwrap();
+    let llama = proxqat::model::Llama::new(loaded.cfg.clone(), candle_core::DType::F32, &candle_core::Device::Cpu);
     let w = params
         .compute_weights(candle_core::DType::F32, |_, x| Ok(x.clone()))
         .unwrap();
@@ -290,14 +237,7 @@ fn eval_text_perplexity_follows_the_gptq_protocol_and_generates() {
             .unsqueeze(0)
             .unwrap();
         let labels: Vec<i64> = win.iter().map(|&i| i as i64).collect();
-        means.push(
-            llama
-                .loss(&w, &input, &labels)
-                .unwrap()
-                .0
-                .to_scalar::<f32>()
-                .unwrap() as f64,
-        );
+        means.push(llama.loss(&w, &input, &labels).unwrap().0.to_scalar::<f32>().unwrap() as f64);
     }
     let mean = means.iter().sum::<f64>() / 5.0;
     assert!((ev["text_mean_ce"].as_f64().unwrap() - mean).abs() < 1e-5);

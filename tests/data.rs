@@ -2,9 +2,7 @@
 
 mod common;
 
-use proxqat::data::{
-    self, alpaca, Batch, Cursor, Encoder, Record, TrainStream, ValSize, IGNORE, PAD_ID,
-};
+use proxqat::data::{self, alpaca, Batch, Cursor, Encoder, Record, TrainStream, ValSize, IGNORE, PAD_ID};
 use proxqat::model::io::load_tokenizer;
 
 fn rec(instruction: &str, input: &str, output: &str) -> Record {
@@ -50,21 +48,10 @@ fn ids_have_bos_prompt_response_eos_and_masks() {
         .unwrap()
         .get_ids()
         .to_vec();
-    let resp_ids = e
-        .tokenizer
-        .encode("hi there", false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
-    assert_eq!(
-        ex.ids[0], 128000,
-        "the Llama-3 tokenizer adds <|begin_of_text|>"
-    );
+    let resp_ids = e.tokenizer.encode("hi there", false).unwrap().get_ids().to_vec();
+    assert_eq!(ex.ids[0], 128000, "the Llama-3 tokenizer adds <|begin_of_text|>");
     assert_eq!(&ex.ids[1..1 + prompt_ids.len()], prompt_ids.as_slice());
-    assert_eq!(
-        &ex.ids[1 + prompt_ids.len()..ex.ids.len() - 1],
-        resp_ids.as_slice()
-    );
+    assert_eq!(&ex.ids[1 + prompt_ids.len()..ex.ids.len() - 1], resp_ids.as_slice());
     assert_eq!(*ex.ids.last().unwrap(), 128001);
     assert!(
         ex.labels.iter().zip(&ex.ids).all(|(l, i)| *l == *i as i64),
@@ -80,11 +67,7 @@ fn ids_have_bos_prompt_response_eos_and_masks() {
 fn truncation_and_padding() {
     let e = encoder(10, false);
     let long = e
-        .encode(&rec(
-            "Write a long story about a dragon.",
-            "",
-            "Once upon a time",
-        ))
+        .encode(&rec("Write a long story about a dragon.", "", "Once upon a time"))
         .unwrap();
     assert_eq!(long.ids.len(), 10);
     assert!(long.truncated);
@@ -106,20 +89,14 @@ fn truncation_and_padding() {
 
 #[test]
 fn split_is_seeded_and_complete() {
-    let records: Vec<Record> = (0..100)
-        .map(|i| rec(&format!("q{i}"), "", &format!("a{i}")))
-        .collect();
+    let records: Vec<Record> = (0..100).map(|i| rec(&format!("q{i}"), "", &format!("a{i}"))).collect();
     let (t1, v1) = data::split(records.clone(), ValSize::Fraction(0.1), 42).unwrap();
     let (t2, v2) = data::split(records.clone(), ValSize::Fraction(0.1), 42).unwrap();
     let (_, v3) = data::split(records.clone(), ValSize::Fraction(0.1), 43).unwrap();
     assert_eq!((t1.len(), v1.len()), (90, 10));
     assert_eq!((&t1, &v1), (&t2, &v2));
     assert_ne!(v1, v3);
-    let mut all: Vec<String> = t1
-        .iter()
-        .chain(&v1)
-        .map(|r| r.instruction.clone())
-        .collect();
+    let mut all: Vec<String> = t1.iter().chain(&v1).map(|r| r.instruction.clone()).collect();
     all.sort();
     all.dedup();
     assert_eq!(all.len(), 100);
@@ -129,18 +106,13 @@ fn split_is_seeded_and_complete() {
 
 #[test]
 fn stream_resumes_exactly_from_its_cursor() {
-    let records: Vec<Record> = (0..7)
-        .map(|i| rec(&format!("q{i}"), "", &format!("a{i}")))
-        .collect();
+    let records: Vec<Record> = (0..7).map(|i| rec(&format!("q{i}"), "", &format!("a{i}"))).collect();
     let mut a = TrainStream::new(records.clone(), encoder(64, false), 9, Cursor::default());
     let first: Vec<Batch> = (0..3).map(|_| a.next_batch(3).unwrap()).collect();
     let cursor = a.cursor;
     assert_eq!(
         cursor,
-        Cursor {
-            epoch: 1,
-            position: 2
-        },
+        Cursor { epoch: 1, position: 2 },
         "9 rows over 7 records wrap into epoch 1"
     );
     let rest_a: Vec<Batch> = (0..4).map(|_| a.next_batch(3).unwrap()).collect();
@@ -157,9 +129,7 @@ fn bad_records_are_refused_by_index_and_field() {
         err(r#"[{"instruction": "a", "output": "b"}, {"input": "x", "output": "y"}]"#)
             .contains("record 1 has no `instruction`")
     );
-    assert!(
-        err(r#"[{"instruction": "a", "output": 5}]"#).contains("field `output` must be a string")
-    );
+    assert!(err(r#"[{"instruction": "a", "output": 5}]"#).contains("field `output` must be a string"));
     assert!(err(r#"[{"instruction": "a""#).contains("malformed JSON"));
     assert!(err("[]").contains("no records"));
     let ok = alpaca::parse_records(r#"[{"instruction": "a", "output": "b"}]"#).unwrap();

@@ -10,11 +10,7 @@ use proxqat::model::{ops, Llama, LlamaConfig, Params};
 fn check(name: &str, x0: &Tensor, probes: usize, f: impl Fn(&Tensor) -> Tensor) {
     let var = Var::from_tensor(x0).unwrap();
     let grads = f(var.as_tensor()).backward().unwrap();
-    let analytic = to_vec_f64(
-        grads
-            .get(var.as_tensor())
-            .expect("gradient reaches the input"),
-    );
+    let analytic = to_vec_f64(grads.get(var.as_tensor()).expect("gradient reaches the input"));
     let base = to_vec_f64(x0);
     let n = base.len();
     let h = 1e-5;
@@ -56,9 +52,7 @@ fn rms_norm_matches_finite_differences() {
     check("rms_norm dx", &x, 48, |x| {
         probe(&ops::rms_norm(x, &w, 1e-5).unwrap(), 3)
     });
-    check("rms_norm dw", &w, 8, |w| {
-        probe(&ops::rms_norm(&x, w, 1e-5).unwrap(), 3)
-    });
+    check("rms_norm dw", &w, 8, |w| probe(&ops::rms_norm(&x, w, 1e-5).unwrap(), 3));
 }
 
 #[test]
@@ -67,9 +61,7 @@ fn rope_matches_finite_differences() {
     cfg.head_dim = 8;
     let (cos, sin) = ops::rope_tables(&cfg, 5, DType::F64, &Device::Cpu).unwrap();
     let x = randn(&[1, 2, 5, 8], 4, 1.0);
-    check("rope", &x, 80, |x| {
-        probe(&ops::rope(x, &cos, &sin).unwrap(), 5)
-    });
+    check("rope", &x, 80, |x| probe(&ops::rope(x, &cos, &sin).unwrap(), 5));
 }
 
 #[test]
@@ -101,9 +93,7 @@ fn llama3_rope_scaling_matches_reference_frequencies() {
 #[test]
 fn softmax_matches_finite_differences() {
     let x = randn(&[3, 7], 6, 2.0);
-    check("softmax", &x, 21, |x| {
-        probe(&ops::softmax_last_dim(x).unwrap(), 7)
-    });
+    check("softmax", &x, 21, |x| probe(&ops::softmax_last_dim(x).unwrap(), 7));
 }
 
 #[test]
@@ -131,13 +121,7 @@ fn causal_attention_equals_explicit_gqa_reference() {
     let k = randn(&[1, 2, t, d], 13, 1.0);
     let v = randn(&[1, 2, t, d], 14, 1.0);
     let out = to_vec_f64(
-        &ops::causal_attention(
-            &q,
-            &k,
-            &v,
-            &ops::causal_mask(t, DType::F64, &Device::Cpu).unwrap(),
-        )
-        .unwrap(),
+        &ops::causal_attention(&q, &k, &v, &ops::causal_mask(t, DType::F64, &Device::Cpu).unwrap()).unwrap(),
     );
     let (qv, kv, vv) = (to_vec_f64(&q), to_vec_f64(&k), to_vec_f64(&v));
     for h in 0..4 {
@@ -167,12 +151,8 @@ fn causal_attention_equals_explicit_gqa_reference() {
 fn swiglu_matches_finite_differences() {
     let g = randn(&[2, 6], 15, 1.5);
     let u = randn(&[2, 6], 16, 1.0);
-    check("swiglu dgate", &g, 12, |g| {
-        probe(&ops::swiglu(g, &u).unwrap(), 17)
-    });
-    check("swiglu dup", &u, 12, |u| {
-        probe(&ops::swiglu(&g, u).unwrap(), 17)
-    });
+    check("swiglu dgate", &g, 12, |g| probe(&ops::swiglu(g, &u).unwrap(), 17));
+    check("swiglu dup", &u, 12, |u| probe(&ops::swiglu(&g, u).unwrap(), 17));
 }
 
 #[test]
@@ -204,8 +184,7 @@ fn whole_model(tied: bool) {
     // Random norm gains, so their gradients are not at a symmetric point.
     for (name, var) in &params.vars {
         if name.ends_with("norm.weight") {
-            var.set(&(randn(var.dims(), 99, 0.1) + 1.0).unwrap())
-                .unwrap();
+            var.set(&(randn(var.dims(), 99, 0.1) + 1.0).unwrap()).unwrap();
         }
     }
     let model = Llama::new(cfg.clone(), DType::F64, &Device::Cpu);
@@ -232,9 +211,7 @@ fn whole_model(tied: bool) {
         let x0 = params.get(name).unwrap().as_tensor().copy().unwrap();
         check(&format!("llama(tied={tied}) {name}"), &x0, 12, |x| {
             let w = params
-                .compute_weights(DType::F64, |n, t| {
-                    Ok(if n == name { x.clone() } else { t.clone() })
-                })
+                .compute_weights(DType::F64, |n, t| Ok(if n == name { x.clone() } else { t.clone() }))
                 .unwrap();
             model.loss(&w, &ids, &labels).unwrap().0
         });

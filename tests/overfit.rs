@@ -17,23 +17,15 @@ fn tiny_model_overfits_one_batch() {
     let mut first = None;
     let mut last = f32::MAX;
     for _ in 0..100 {
-        let w = params
-            .compute_weights(DType::F32, |_, x| Ok(x.clone()))
-            .unwrap();
+        let w = params.compute_weights(DType::F32, |_, x| Ok(x.clone())).unwrap();
         let (loss, _) = model.loss(&w, &input, &labels).unwrap();
         let grads = loss.backward().unwrap();
         last = loss.to_scalar::<f32>().unwrap();
         first.get_or_insert(last);
         opt.begin_step();
         for (name, var) in &params.vars {
-            opt.update(
-                name,
-                var,
-                grads.get(var.as_tensor()).unwrap(),
-                1e-2,
-                Update::Plain,
-            )
-            .unwrap();
+            opt.update(name, var, grads.get(var.as_tensor()).unwrap(), 1e-2, Update::Plain)
+                .unwrap();
         }
     }
     let first = first.unwrap();
@@ -77,12 +69,7 @@ fn adamw_matches_a_hand_computed_pytorch_step() {
     }
     let got: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
     for i in 0..4 {
-        assert!(
-            (got[i] as f64 - x[i]).abs() < 1e-6,
-            "entry {i}: {} vs {}",
-            got[i],
-            x[i]
-        );
+        assert!((got[i] as f64 - x[i]).abs() < 1e-6, "entry {i}: {} vs {}", got[i], x[i]);
     }
 }
 
@@ -90,9 +77,7 @@ fn adamw_matches_a_hand_computed_pytorch_step() {
 fn adam_state_never_holds_an_autograd_graph() {
     // A gradient built from the parameter itself (as the dist term is) must not chain the optimizer's
     // moments to the step's graph: that graph would be kept alive, and grow, step after step.
-    let var =
-        candle_core::Var::from_tensor(&Tensor::ones((4, 4), DType::F32, &Device::Cpu).unwrap())
-            .unwrap();
+    let var = candle_core::Var::from_tensor(&Tensor::ones((4, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
     let grad = (var.as_tensor() * 2.0).unwrap();
     assert!(
         grad.track_op(),

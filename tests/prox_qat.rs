@@ -21,21 +21,10 @@ fn train(tmp: &Path, name: &str, model: &Path, extra: &str, sets: &[&str]) -> Ou
         args.extend(["--set", s]);
     }
     let out = run_bin(&args, &dir);
-    assert!(
-        out.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
     let lines = metrics(&dir.join("run"));
-    let evals: Vec<_> = lines
-        .iter()
-        .filter(|l| l["kind"] == "eval")
-        .cloned()
-        .collect();
-    let hit = lines
-        .iter()
-        .filter_map(|l| l["hit_rate"].as_f64())
-        .collect();
+    let evals: Vec<_> = lines.iter().filter(|l| l["kind"] == "eval").cloned().collect();
+    let hit = lines.iter().filter_map(|l| l["hit_rate"].as_f64()).collect();
     Outcome {
         first_eval: evals[0].clone(),
         last_eval: evals.last().unwrap().clone(),
@@ -56,11 +45,7 @@ fn tiny_model_prox_qat_reaches_the_grid_at_little_cost() {
         "pre",
         &init,
         "",
-        &[
-            "train.max_steps=60",
-            "train.warmup_steps=4",
-            "train.log_every=20",
-        ],
+        &["train.max_steps=60", "train.warmup_steps=4", "train.log_every=20"],
     );
     let model = tmp.path().join("pre/run/step-000060");
     let grid = "[quant.grid]\nbits = 3\nscale = \"channel\"\n";
@@ -87,10 +72,7 @@ fn tiny_model_prox_qat_reaches_the_grid_at_little_cost() {
         &format!("[quant]\nmethod = \"prox\"\npull = \"prox\"\ndist_scale = 3000.0\nstats_every = 5\n[quant.dual]\nbeta = 1.0\n{grid}"),
         &sets,
     );
-    let (fp_final, q_final) = (
-        v(&prox.last_eval, "val_loss_fp"),
-        v(&prox.last_eval, "val_loss_q"),
-    );
+    let (fp_final, q_final) = (v(&prox.last_eval, "val_loss_fp"), v(&prox.last_eval, "val_loss_q"));
     let first_gap = v(&prox.first_eval, "val_loss_q") - v(&prox.first_eval, "val_loss_fp");
     eprintln!(
         "plain: fp {:.4} (q {:.4}); prox: hit {:?} fp {fp_final:.4} q {q_final:.4}; q-gap {first_gap:.4} -> {:.4}",
@@ -174,7 +156,10 @@ fn every_variant_trains_and_harden_at_snaps_everything() {
         ("ste", "method = \"ste\""),
         ("grad-q", "grad_at = \"q\""),
         ("selective", "grad_at = \"selective\"\natol = 2e-3"),
-        ("prox-gamma", "pull = \"prox\"\ndist_scale = 100.0\n[quant.gamma]\nenable = true\nstart = 2\nevery = 1"),
+        (
+            "prox-gamma",
+            "pull = \"prox\"\ndist_scale = 100.0\n[quant.gamma]\nenable = true\nstart = 2\nevery = 1",
+        ),
         ("sigmoid-log", "[quant.sens]\nmap = \"sigmoid_log\""),
     ];
     for (name, q) in variants {
@@ -210,10 +195,6 @@ fn every_variant_trains_and_harden_at_snaps_everything() {
         "after harden_at every selected weight hits: {:?}",
         r.hit
     );
-    let gap =
-        r.last_eval["val_loss_q"].as_f64().unwrap() - r.last_eval["val_loss_fp"].as_f64().unwrap();
-    assert!(
-        gap.abs() < 1e-4,
-        "hardened: q loss = fp loss, got gap {gap}"
-    );
+    let gap = r.last_eval["val_loss_q"].as_f64().unwrap() - r.last_eval["val_loss_fp"].as_f64().unwrap();
+    assert!(gap.abs() < 1e-4, "hardened: q loss = fp loss, got gap {gap}");
 }

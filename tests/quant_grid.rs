@@ -53,16 +53,9 @@ fn round_half_even_matches_rust_ties_even() {
 #[test]
 fn uniform_absolute_grid_rounds_ties_to_even_and_clamps() {
     // Δ = 0.25, 3 bits ⇒ L = 3: levels {−0.75 … 0.75}.
-    let g = TensorGrid::new(
-        &uniform(3, ScaleKind::Absolute, Some(0.25)),
-        &t(&[0.0; 6], &[2, 3]),
-    )
-    .unwrap();
+    let g = TensorGrid::new(&uniform(3, ScaleKind::Absolute, Some(0.25)), &t(&[0.0; 6], &[2, 3])).unwrap();
     let w = t(&[0.125, 0.375, 0.625, -0.875, 2.0, 0.1], &[2, 3]);
-    assert_eq!(
-        f32s(&g.quantize(&w).unwrap()),
-        vec![0.0, 0.5, 0.5, -0.75, 0.75, 0.0]
-    );
+    assert_eq!(f32s(&g.quantize(&w).unwrap()), vec![0.0, 0.5, 0.5, -0.75, 0.75, 0.0]);
 }
 
 #[test]
@@ -73,10 +66,7 @@ fn explicit_levels_pick_the_nearest_and_ties_go_low() {
     };
     let g = TensorGrid::new(&cfg, &t(&[0.0; 6], &[6])).unwrap();
     let w = t(&[0.03, -0.03, 0.031, -0.2, 0.5, 0.01], &[6]);
-    assert_eq!(
-        f32s(&g.quantize(&w).unwrap()),
-        vec![0.0, -0.06, 0.06, -0.06, 0.06, 0.0]
-    );
+    assert_eq!(f32s(&g.quantize(&w).unwrap()), vec![0.0, -0.06, 0.06, -0.06, 0.06, 0.0]);
     let four = GridConfig {
         levels: Some(vec![-0.09, -0.03, 0.03, 0.09]),
         ..Default::default()
@@ -102,11 +92,7 @@ fn per_channel_and_per_group_absmax_scales() {
     let q = f32s(&g.quantize(&w).unwrap());
     for (i, (&x, &qv)) in f32s(&w).iter().zip(&q).enumerate() {
         let sc = want[i / 4];
-        assert_eq!(
-            qv,
-            (x / sc).round_ties_even().clamp(-7.0, 7.0) * sc,
-            "entry {i}"
-        );
+        assert_eq!(qv, (x / sc).round_ties_even().clamp(-7.0, 7.0) * sc, "entry {i}");
     }
     // Largest weight of each row lands on the outermost level (up to the f16 rounding of s).
     assert!((q[0] - 0.7).abs() < 1e-3 && (q[4] - 0.02).abs() < 1e-4);
@@ -122,23 +108,14 @@ fn per_channel_and_per_group_absmax_scales() {
         assert_eq!(s[i], half::f16::from_f64(*absmax as f64 / 7.0).to_f32());
     }
     assert!(
-        TensorGrid::new(
-            &GridConfig {
-                group_size: 3,
-                ..cfg
-            },
-            &w
-        )
-        .is_err(),
+        TensorGrid::new(&GridConfig { group_size: 3, ..cfg }, &w).is_err(),
         "3 does not divide 4 columns"
     );
 }
 
 #[test]
 fn std_rule_scale_matches_f64_recomputation() {
-    let w = common::randn(&[3, 64], 21, 0.02)
-        .to_dtype(DType::F32)
-        .unwrap();
+    let w = common::randn(&[3, 64], 21, 0.02).to_dtype(DType::F32).unwrap();
     let cfg = GridConfig {
         rule: ScaleRule::Std,
         std_k: 3.0,
@@ -152,11 +129,7 @@ fn std_rule_scale_matches_f64_recomputation() {
         let mean = row.iter().sum::<f64>() / 64.0;
         let std = (row.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 64.0).sqrt();
         let want = half::f16::from_f64(3.0 * std / 7.0).to_f32();
-        assert!(
-            (s[r] - want).abs() <= want * 1e-3,
-            "row {r}: {} vs {want}",
-            s[r]
-        );
+        assert!((s[r] - want).abs() <= want * 1e-3, "row {r}: {} vs {want}", s[r]);
     }
 }
 
@@ -221,11 +194,7 @@ fn dist_gradient_matches_finite_differences() {
 #[test]
 fn counts_hits_and_both_saturations() {
     // Δ = 0.25, L = 3, clip 0.75; atol 0.01.
-    let g = TensorGrid::new(
-        &uniform(3, ScaleKind::Absolute, Some(0.25)),
-        &t(&[0.0; 6], &[6]),
-    )
-    .unwrap();
+    let g = TensorGrid::new(&uniform(3, ScaleKind::Absolute, Some(0.25)), &t(&[0.0; 6], &[6])).unwrap();
     let w = t(&[0.25, 0.255, 0.3, 0.7, 0.8, -2.0], &[6]);
     let c = g.counts(&w, 0.01).unwrap();
     let get = |t: Tensor| t.to_scalar::<f64>().unwrap();

@@ -73,11 +73,7 @@ fn gamma_is_zero_before_start_then_tracks_the_hit_rate() {
         ema: 0.5,
     };
     let mut s = cfg.init();
-    assert_eq!(
-        cfg.gain(&s, 0),
-        0.0,
-        "γ is 0 before start from step 0 on (spec §12.11)"
-    );
+    assert_eq!(cfg.gain(&s, 0), 0.0, "γ is 0 before start from step 0 on (spec §12.11)");
     cfg.update(&mut s, 0.1, 2);
     assert_eq!(
         (s.gamma, s.hit_ema),
@@ -120,20 +116,12 @@ fn sensitivity_ema_and_both_maps_match_f64() {
         for (i, n) in names.iter().enumerate() {
             let v = common::to_vec_f64(&g[n]);
             let g2 = v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64;
-            want[i] = if k == 0 {
-                g2
-            } else {
-                0.95 * want[i] + 0.05 * g2
-            };
+            want[i] = if k == 0 { g2 } else { 0.95 * want[i] + 0.05 * g2 };
         }
     }
     for (i, n) in names.iter().enumerate() {
         let got = sens.values[n].to_scalar::<f32>().unwrap() as f64;
-        assert!(
-            (got - want[i]).abs() < 1e-5 * want[i],
-            "{n}: {got} vs {}",
-            want[i]
-        );
+        assert!((got - want[i]).abs() < 1e-5 * want[i], "{n}: {got} vs {}", want[i]);
     }
     let inv = sens
         .weights(
@@ -147,10 +135,7 @@ fn sensitivity_ema_and_both_maps_match_f64() {
     let mean = want.iter().sum::<f64>() / 3.0;
     for (i, n) in names.iter().enumerate() {
         let expect = (want[i] / mean).powf(-0.5).clamp(0.2, 5.0);
-        assert!(
-            (inv[n].to_scalar::<f32>().unwrap() as f64 - expect).abs() < 1e-5,
-            "{n}"
-        );
+        assert!((inv[n].to_scalar::<f32>().unwrap() as f64 - expect).abs() < 1e-5, "{n}");
     }
     let sig = sens
         .weights(
@@ -164,10 +149,7 @@ fn sensitivity_ema_and_both_maps_match_f64() {
     let z: Vec<f64> = want.iter().map(|s| (s + 1e-12).ln()).collect();
     let mu = z.iter().sum::<f64>() / 3.0;
     let sd = (z.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / 2.0).sqrt() + 1e-6;
-    let w: Vec<f64> = z
-        .iter()
-        .map(|zi| 1.0 + 4.0 / (1.0 + (-(mu - zi) / sd).exp()))
-        .collect();
+    let w: Vec<f64> = z.iter().map(|zi| 1.0 + 4.0 / (1.0 + (-(mu - zi) / sd).exp())).collect();
     let mw = w.iter().sum::<f64>() / 3.0;
     for (i, n) in names.iter().enumerate() {
         assert!(
@@ -218,10 +200,7 @@ fn selector_modes_on_llama_names() {
     };
     assert_eq!(
         only_up.select(&names).unwrap(),
-        vec![
-            "model.layers.0.mlp.up_proj.weight",
-            "model.layers.1.mlp.up_proj.weight"
-        ]
+        vec!["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"]
     );
 }
 
@@ -236,15 +215,7 @@ fn harden_restore_is_bit_exact_and_selective_moves_exactly_the_close_entries() {
         .into_iter()
         .map(|(k, v)| (k, v.copy().unwrap()))
         .collect::<BTreeMap<_, _>>();
-    let bits = |t: &Tensor| {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect::<Vec<_>>()
-    };
+    let bits = common::bits;
 
     let atol = 5e-4;
     let h = harden::harden(&params, &quantizer, View::Selective(atol)).unwrap();
@@ -271,11 +242,7 @@ fn harden_restore_is_bit_exact_and_selective_moves_exactly_the_close_entries() {
     }
     harden::restore(&params, &h.backup).unwrap();
     for (name, t) in params.to_tensors() {
-        assert_eq!(
-            bits(&t),
-            bits(&before[&name]),
-            "{name} not restored bit for bit"
-        );
+        assert_eq!(bits(&t), bits(&before[&name]), "{name} not restored bit for bit");
     }
     let h = harden::harden(&params, &quantizer, View::Hard).unwrap();
     for (name, grid) in &quantizer.grids {

@@ -28,9 +28,7 @@ fn smollm2() -> (Llama, Params, tokenizers::Tokenizer) {
 #[test]
 fn smollm2_knows_the_capital_of_france_and_matches_numpy() {
     let (model, params, tok) = smollm2();
-    let w = params
-        .compute_weights(DType::F32, |_, x| Ok(x.clone()))
-        .unwrap();
+    let w = params.compute_weights(DType::F32, |_, x| Ok(x.clone())).unwrap();
     let g = proxqat::eval::generate(&model, &w, &tok, "The capital of France is", 4).unwrap();
     assert!(
         g.completion.starts_with(" Paris"),
@@ -44,21 +42,9 @@ fn smollm2_knows_the_capital_of_france_and_matches_numpy() {
         .unwrap()
         .get_ids()
         .to_vec();
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let ours: Vec<Vec<f32>> = model
-        .logits(&w, &input)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let mut args = vec![common::repo()
-        .join("scripts/gguf_reference.py")
-        .display()
-        .to_string()];
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ours: Vec<Vec<f32>> = model.logits(&w, &input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let mut args = vec![common::repo().join("scripts/gguf_reference.py").display().to_string()];
     args.push(
         common::assets()
             .join("SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -70,12 +56,7 @@ fn smollm2_knows_the_capital_of_france_and_matches_numpy() {
     let reference: serde_json::Value = serde_json::from_str(&out).unwrap();
     let mut worst = 0f64;
     for (t, row) in reference["logits"].as_array().unwrap().iter().enumerate() {
-        let row: Vec<f64> = row
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
+        let row: Vec<f64> = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
         let scale = row.iter().fold(0f64, |m, x| m.max(x.abs()));
         for (a, b) in ours[t].iter().zip(&row) {
             worst = worst.max((*a as f64 - b).abs() / scale);
@@ -106,10 +87,7 @@ pat = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\
 enc = tiktoken.Encoding("llama3", pat_str=pat, mergeable_ranks=load_tiktoken_bpe(sys.argv[1]), special_tokens={})
 print(json.dumps([enc.encode(t) for t in json.loads(sys.argv[2])]))
 "#;
-    let model = common::assets()
-        .join("llama3-tokenizer.model")
-        .display()
-        .to_string();
+    let model = common::assets().join("llama3-tokenizer.model").display().to_string();
     let texts_json = serde_json::to_string(&texts).unwrap();
     let expect: Vec<Vec<u32>> =
         serde_json::from_str(&common::run_python(&["-c", script, &model, &texts_json])).unwrap();
@@ -119,15 +97,9 @@ print(json.dumps([enc.encode(t) for t in json.loads(sys.argv[2])]))
     }
     // The text model's special tokens (../shared/assets.md).
     assert_eq!(tok.token_to_id("<|begin_of_text|>"), Some(128000));
-    assert_eq!(
-        tok.token_to_id("<|reserved_special_token_2|>"),
-        Some(128005)
-    );
+    assert_eq!(tok.token_to_id("<|reserved_special_token_2|>"), Some(128005));
     assert_eq!(tok.token_to_id("<|eot_id|>"), Some(128009));
-    assert_eq!(
-        tok.token_to_id("<|reserved_special_token_247|>"),
-        Some(128255)
-    );
+    assert_eq!(tok.token_to_id("<|reserved_special_token_247|>"), Some(128255));
     assert_eq!(tok.token_to_id("<|image|>"), None);
     assert_eq!(tok.get_vocab_size(true), 128256);
     assert_eq!(tok.encode("Hi", true).unwrap().get_ids()[0], 128000);
@@ -148,23 +120,10 @@ fn stats_of_a_bare_gguf_take_the_quant_section_from_config() {
         ],
         &common::repo(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        s["tensors"].as_array().unwrap().len(),
-        90,
-        "mlp mode on 30 layers"
-    );
+    assert_eq!(s["tensors"].as_array().unwrap().len(), 90, "mlp mode on 30 layers");
     assert_eq!(s["total"]["numel"].as_u64(), Some(30 * 3 * 576 * 1536));
-    let without = common::run_bin(
-        &["stats", "--ckpt", gguf.to_str().unwrap()],
-        &common::repo(),
-    );
-    assert!(
-        !without.status.success() && String::from_utf8_lossy(&without.stderr).contains("--config")
-    );
+    let without = common::run_bin(&["stats", "--ckpt", gguf.to_str().unwrap()], &common::repo());
+    assert!(!without.status.success() && String::from_utf8_lossy(&without.stderr).contains("--config"));
 }

@@ -16,19 +16,13 @@ pub struct Record {
 
 /// Read an Alpaca JSON file: an array of `{instruction, input?, output}` objects with string values.
 pub fn load_records(path: &Path) -> Result<Vec<Record>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading data file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading data file {}", path.display()))?;
     parse_records(&text).with_context(|| format!("in data file {}", path.display()))
 }
 
 pub fn parse_records(text: &str) -> Result<Vec<Record>> {
-    let json: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-        anyhow::anyhow!(
-            "malformed JSON at line {} column {}: {e}",
-            e.line(),
-            e.column()
-        )
-    })?;
+    let json: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| anyhow::anyhow!("malformed JSON at line {} column {}: {e}", e.line(), e.column()))?;
     let items = json
         .as_array()
         .context("the top level must be a JSON array of {instruction, input, output} records")?;
@@ -117,10 +111,6 @@ impl Encoder {
                 }
             })
             .collect();
-        Ok(Example {
-            ids,
-            labels,
-            truncated,
-        })
+        Ok(Example { ids, labels, truncated })
     }
 }

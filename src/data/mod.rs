@@ -23,12 +23,7 @@ pub struct Batch {
 
 impl Batch {
     pub fn from_examples(examples: &[Example]) -> Batch {
-        let cols = examples
-            .iter()
-            .map(|e| e.ids.len())
-            .max()
-            .unwrap_or(1)
-            .max(2);
+        let cols = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(2);
         let mut ids = Vec::with_capacity(examples.len() * cols);
         let mut labels = Vec::with_capacity(examples.len() * cols);
         for e in examples {
@@ -84,11 +79,7 @@ pub fn split(records: Vec<Record>, val: ValSize, seed: u64) -> Result<(Vec<Recor
     let mut order: Vec<usize> = (0..n).collect();
     crate::rng::Rng::new(seed).shuffle(&mut order);
     let mut slots: Vec<Option<Record>> = records.into_iter().map(Some).collect();
-    let mut take = |i: usize| {
-        slots[i]
-            .take()
-            .expect("a permutation visits each index once")
-    };
+    let mut take = |i: usize| slots[i].take().expect("a permutation visits each index once");
     let val: Vec<Record> = order[..n_val].iter().map(|&i| take(i)).collect();
     let train: Vec<Record> = order[n_val..].iter().map(|&i| take(i)).collect();
     Ok((train, val))
@@ -128,8 +119,7 @@ impl TrainStream {
     /// The permutation of epoch `e` depends only on (seed, e), so a cursor alone resumes the stream.
     fn epoch_order(&self, epoch: u64) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.records.len()).collect();
-        crate::rng::Rng::new(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            .shuffle(&mut order);
+        crate::rng::Rng::new(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)).shuffle(&mut order);
         order
     }
 
@@ -143,10 +133,7 @@ impl TrainStream {
                 };
                 self.order = self.epoch_order(self.cursor.epoch);
             }
-            examples.push(
-                self.encoder
-                    .encode(&self.records[self.order[self.cursor.position]])?,
-            );
+            examples.push(self.encoder.encode(&self.records[self.order[self.cursor.position]])?);
             self.cursor.position += 1;
         }
         let batch = Batch::from_examples(&examples);
@@ -167,10 +154,7 @@ pub fn val_batches(
         .take(max_batches.unwrap_or(usize::MAX))
         .map(|chunk| {
             Ok(Batch::from_examples(
-                &chunk
-                    .iter()
-                    .map(|r| encoder.encode(r))
-                    .collect::<Result<Vec<_>>>()?,
+                &chunk.iter().map(|r| encoder.encode(r)).collect::<Result<Vec<_>>>()?,
             ))
         })
         .collect()

@@ -53,22 +53,15 @@ struct HfConfig {
 
 fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
         _ => vec![],
     }
 }
 
 impl LlamaConfig {
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_hf_json(&text).with_context(|| format!("in {}", path.display()))
     }
 
@@ -135,10 +128,7 @@ impl LlamaConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             bail!("num_attention_heads and num_key_value_heads must be positive");
         }
-        if !self
-            .num_attention_heads
-            .is_multiple_of(self.num_key_value_heads)
-        {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             bail!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
@@ -196,10 +186,7 @@ impl LlamaConfig {
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (d, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            vec![self.vocab_size, d],
-        )];
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, d])];
         for i in 0..self.num_hidden_layers {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), vec![d]));

@@ -83,8 +83,7 @@ impl Meta<'_> {
 }
 
 pub fn import(path: &Path) -> Result<LoadedModel> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let content = Content::read(&mut file).with_context(|| {
         format!(
             "{} is not a readable GGUF file (corrupt, or a tensor type candle does not know)",
@@ -94,7 +93,10 @@ pub fn import(path: &Path) -> Result<LoadedModel> {
     let meta = Meta(&content.metadata, path);
     let arch = meta.get("general.architecture")?.to_string()?.clone();
     if arch != "llama" {
-        bail!("{}: GGUF architecture {arch:?} is not supported (proxqat imports \"llama\" GGUF files)", path.display());
+        bail!(
+            "{}: GGUF architecture {arch:?} is not supported (proxqat imports \"llama\" GGUF files)",
+            path.display()
+        );
     }
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         bail!("{}: per-frequency RoPE factors (rope_freqs.weight) are not supported in GGUF import; load the HF checkpoint instead", path.display());
@@ -110,19 +112,14 @@ pub fn import(path: &Path) -> Result<LoadedModel> {
         num_hidden_layers: meta.usize("llama.block_count")?,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
-        head_dim: meta
-            .usize("llama.attention.key_length")
-            .unwrap_or(hidden / heads),
+        head_dim: meta.usize("llama.attention.key_length").unwrap_or(hidden / heads),
         rms_norm_eps: meta.f64("llama.attention.layer_norm_rms_epsilon", 1e-5)?,
         rope_theta: meta.f64("llama.rope.freq_base", 10_000.0)?,
         rope_scaling: None,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         max_position_embeddings: meta.usize("llama.context_length").unwrap_or(2048),
         bos_token_id: meta.opt_u32("tokenizer.ggml.bos_token_id"),
-        eos_token_ids: meta
-            .opt_u32("tokenizer.ggml.eos_token_id")
-            .into_iter()
-            .collect(),
+        eos_token_ids: meta.opt_u32("tokenizer.ggml.eos_token_id").into_iter().collect(),
     };
     cfg.validate()
         .with_context(|| format!("GGUF metadata of {}", path.display()))?;
@@ -163,7 +160,10 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 fn tokenizer_from_meta(meta: &Meta, tokens: Vec<String>) -> Result<Tokenizer> {
     let model = meta.get("tokenizer.ggml.model")?.to_string()?.clone();
     if model != "gpt2" {
-        bail!("{}: tokenizer model {model:?} is not supported (proxqat rebuilds byte-level BPE, \"gpt2\")", meta.1.display());
+        bail!(
+            "{}: tokenizer model {model:?} is not supported (proxqat rebuilds byte-level BPE, \"gpt2\")",
+            meta.1.display()
+        );
     }
     let merges = meta.strings("tokenizer.ggml.merges")?;
     let types: Vec<i64> = match meta.0.get("tokenizer.ggml.token_type") {
@@ -191,10 +191,7 @@ fn tokenizer_from_meta(meta: &Meta, tokens: Vec<String>) -> Result<Tokenizer> {
             {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
             byte_level(false)]}),
         "" | "default" | "gpt2" => byte_level(true),
-        other => bail!(
-            "{}: GGUF pre-tokenizer {other:?} is not supported",
-            meta.1.display()
-        ),
+        other => bail!("{}: GGUF pre-tokenizer {other:?} is not supported", meta.1.display()),
     };
     let vocab: serde_json::Map<String, serde_json::Value> = tokens
         .iter()
@@ -236,10 +233,7 @@ fn tokenizer_from_meta(meta: &Meta, tokens: Vec<String>) -> Result<Tokenizer> {
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": merges},
     });
-    json.to_string().parse::<Tokenizer>().map_err(|e| {
-        anyhow::anyhow!(
-            "{}: rebuilding the tokenizer from GGUF metadata: {e}",
-            meta.1.display()
-        )
-    })
+    json.to_string()
+        .parse::<Tokenizer>()
+        .map_err(|e| anyhow::anyhow!("{}: rebuilding the tokenizer from GGUF metadata: {e}", meta.1.display()))
 }

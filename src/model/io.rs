@@ -44,8 +44,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
             path.display()
         );
     }
-    Tokenizer::from_file(path)
-        .map_err(|e| anyhow::anyhow!("reading tokenizer {}: {e}", path.display()))
+    Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("reading tokenizer {}: {e}", path.display()))
 }
 
 /// The safetensors files of an HF directory: `model.safetensors`, or the shards named by
@@ -62,19 +61,14 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             dir.display()
         );
     }
-    let text =
-        std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(|f| f.as_str())
-        .map(|f| dir.join(f))
-        .collect();
+    let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
     files.sort();
     files.dedup();
     Ok(files)
@@ -123,28 +117,18 @@ pub fn load_safetensors_file(file: &Path) -> Result<BTreeMap<String, Tensor>> {
 }
 
 /// Write tensors as one safetensors file (through a temporary name, then renamed into place).
-pub fn save_safetensors(
-    tensors: &BTreeMap<String, Tensor>,
-    dtype: DType,
-    path: &Path,
-) -> Result<()> {
+pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, dtype: DType, path: &Path) -> Result<()> {
     let cpu: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
     crate::fsutil::write_atomic_with(path, |tmp| {
-        candle_core::safetensors::save(&cpu, tmp)
-            .with_context(|| format!("writing {}", tmp.display()))
+        candle_core::safetensors::save(&cpu, tmp).with_context(|| format!("writing {}", tmp.display()))
     })
 }
 
 /// Write an HF checkpoint's model files into `dir` (which must exist).
-pub fn save_hf(
-    dir: &Path,
-    cfg: &LlamaConfig,
-    tensors: &BTreeMap<String, Tensor>,
-    tok: &Tokenizer,
-) -> Result<()> {
+pub fn save_hf(dir: &Path, cfg: &LlamaConfig, tensors: &BTreeMap<String, Tensor>, tok: &Tokenizer) -> Result<()> {
     save_safetensors(tensors, DType::F32, &dir.join("model.safetensors"))?;
     crate::fsutil::write_atomic(&dir.join("config.json"), cfg.to_hf_json().as_bytes())?;
     let tok_json = tok
@@ -158,8 +142,5 @@ pub fn save_hf(
     if !cfg.eos_token_ids.is_empty() {
         gen["eos_token_id"] = cfg.eos_token_ids.clone().into();
     }
-    crate::fsutil::write_atomic(
-        &dir.join("generation_config.json"),
-        gen.to_string().as_bytes(),
-    )
+    crate::fsutil::write_atomic(&dir.join("generation_config.json"), gen.to_string().as_bytes())
 }

@@ -18,16 +18,12 @@ pub struct Params {
 
 impl Params {
     /// Wrap loaded tensors, checking names and shapes against the config (errors name the tensor).
-    pub fn from_tensors(
-        cfg: &LlamaConfig,
-        mut tensors: BTreeMap<String, Tensor>,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn from_tensors(cfg: &LlamaConfig, mut tensors: BTreeMap<String, Tensor>, dtype: DType) -> Result<Self> {
         let mut vars = BTreeMap::new();
         for (name, shape) in cfg.param_shapes() {
-            let t = tensors.remove(&name).with_context(|| {
-                format!("the checkpoint lacks tensor `{name}` (expected shape {shape:?})")
-            })?;
+            let t = tensors
+                .remove(&name)
+                .with_context(|| format!("the checkpoint lacks tensor `{name}` (expected shape {shape:?})"))?;
             if t.dims() != shape.as_slice() {
                 bail!(
                     "tensor `{name}` has shape {:?}, the model config expects {shape:?}",
@@ -86,10 +82,7 @@ impl Params {
             .map(|(name, var)| {
                 let w = view(name, var.as_tensor())?;
                 let is_projection = w.rank() == 2 && !name.contains("embed_tokens");
-                Ok((
-                    name.clone(),
-                    if is_projection { w.to_dtype(dtype)? } else { w },
-                ))
+                Ok((name.clone(), if is_projection { w.to_dtype(dtype)? } else { w }))
             })
             .collect()
     }
@@ -135,31 +128,19 @@ impl Llama {
     pub fn hidden(&self, w: &BTreeMap<String, Tensor>, ids: &Tensor) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t) = ids.dims2()?;
-        let (h, kv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let (cos, sin, mask) = self.constants(t)?;
-        let get = |name: String| {
-            w.get(&name)
-                .with_context(|| format!("missing weight `{name}`"))
-        };
+        let get = |name: String| w.get(&name).with_context(|| format!("missing weight `{name}`"));
         // Matmuls in the compute dtype; their outputs join the residual stream in its own dtype.
         let linear = |x: &Tensor, name: String| -> Result<Tensor> {
             let w = get(name)?;
             Ok(x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?)
         };
-        let mut x =
-            get("model.embed_tokens.weight".into())?.index_select(&ids.flatten_all()?, 0)?;
+        let mut x = get("model.embed_tokens.weight".into())?.index_select(&ids.flatten_all()?, 0)?;
         x = x.reshape((b, t, cfg.hidden_size))?;
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let a = ops::rms_norm(
-                &x,
-                get(format!("{p}.input_layernorm.weight"))?,
-                cfg.rms_norm_eps,
-            )?;
+            let a = ops::rms_norm(&x, get(format!("{p}.input_layernorm.weight"))?, cfg.rms_norm_eps)?;
             let heads = |n: usize, proj: &str| -> Result<Tensor> {
                 Ok(linear(&a, format!("{p}.self_attn.{proj}.weight"))?
                     .reshape((b, t, n, hd))?
@@ -170,8 +151,7 @@ impl Llama {
             let v = heads(kv, "v_proj")?.contiguous()?;
             let att = ops::causal_attention(&q, &k, &v, &mask)?;
             let att = att.transpose(1, 2)?.reshape((b, t, h * hd))?;
-            x = (&x
-                + linear(&att, format!("{p}.self_attn.o_proj.weight"))?.to_dtype(x.dtype())?)?;
+            x = (&x + linear(&att, format!("{p}.self_attn.o_proj.weight"))?.to_dtype(x.dtype())?)?;
             let m = ops::rms_norm(
                 &x,
                 get(format!("{p}.post_attention_layernorm.weight"))?,
@@ -183,11 +163,7 @@ impl Llama {
             )?;
             x = (&x + linear(&act, format!("{p}.mlp.down_proj.weight"))?.to_dtype(x.dtype())?)?;
         }
-        Ok(ops::rms_norm(
-            &x,
-            get("model.norm.weight".into())?,
-            cfg.rms_norm_eps,
-        )?)
+        Ok(ops::rms_norm(&x, get("model.norm.weight".into())?, cfg.rms_norm_eps)?)
     }
 
     /// `hidden · headᵀ` in the compute dtype (a tied head is the embedding, cast here).
@@ -211,12 +187,7 @@ impl Llama {
 
     /// Token-mean next-token cross-entropy: position t predicts `labels[t + 1]` (−100 = ignored).
     /// `labels` is row-major `(B, T)`. Returns the loss and the number of counted targets.
-    pub fn loss(
-        &self,
-        w: &BTreeMap<String, Tensor>,
-        ids: &Tensor,
-        labels: &[i64],
-    ) -> Result<(Tensor, usize)> {
+    pub fn loss(&self, w: &BTreeMap<String, Tensor>, ids: &Tensor, labels: &[i64]) -> Result<(Tensor, usize)> {
         let (b, t) = ids.dims2()?;
         let hidden = self.hidden(w, ids)?.narrow(1, 0, t - 1)?;
         let targets: Vec<i64> = (0..b)

@@ -21,21 +21,12 @@ fn stat_dtype(dtype: DType) -> DType {
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xs = x.to_dtype(stat_dtype(dtype))?;
-    let inv_rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-        .sqrt()?
-        .recip()?;
-    xs.broadcast_mul(&inv_rms)?
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)
+    let inv_rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    xs.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
 /// RoPE angle tables `(cos, sin)`, each `(seq_len, head_dim)` in the rotate-half layout HF uses.
-pub fn rope_tables(
-    cfg: &LlamaConfig,
-    seq_len: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(cfg: &LlamaConfig, seq_len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
     let inv_freq: Vec<f64> = (0..half)
         .map(|i| {
@@ -51,8 +42,7 @@ pub fn rope_tables(
                     } else if wavelen > old / s.low_freq_factor {
                         freq / s.factor
                     } else {
-                        let smooth = (old / wavelen - s.low_freq_factor)
-                            / (s.high_freq_factor - s.low_freq_factor);
+                        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                         (1.0 - smooth) * freq / s.factor + smooth * freq
                     }
                 }
@@ -131,10 +121,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)
     let logits = logits.to_dtype(stat_dtype(logits.dtype()))?;
     let counted = targets.iter().filter(|&&t| t >= 0).count();
     let index: Vec<u32> = targets.iter().map(|&t| t.max(0) as u32).collect();
-    let keep: Vec<f32> = targets
-        .iter()
-        .map(|&t| if t >= 0 { 1.0 } else { 0.0 })
-        .collect();
+    let keep: Vec<f32> = targets.iter().map(|&t| if t >= 0 { 1.0 } else { 0.0 }).collect();
     let n = targets.len();
     let index = Tensor::from_vec(index, (n, 1), device)?;
     let keep = Tensor::from_vec(keep, n, device)?.to_dtype(logits.dtype())?;
@@ -143,8 +130,6 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)
     let log_sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let picked = shifted.gather(&index, D::Minus1)?;
     let nll = (log_sum_exp - picked)?.squeeze(D::Minus1)?;
-    let loss = (nll * keep)?
-        .sum_all()?
-        .affine(1.0 / counted.max(1) as f64, 0.0)?;
+    let loss = (nll * keep)?.sum_all()?.affine(1.0 / counted.max(1) as f64, 0.0)?;
     Ok((loss, counted))
 }

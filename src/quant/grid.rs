@@ -139,9 +139,7 @@ impl TensorGrid {
     /// Build the grid of weight `w` from the config (computing scales from `w` if the rule says so).
     pub fn new(cfg: &GridConfig, w: &Tensor) -> Result<TensorGrid> {
         if let Some(levels) = &cfg.levels {
-            return Ok(TensorGrid::Levels(
-                levels.iter().map(|&l| l as f32).collect(),
-            ));
+            return Ok(TensorGrid::Levels(levels.iter().map(|&l| l as f32).collect()));
         }
         let half_levels = cfg.half_levels();
         let dims = w.dims().to_vec();
@@ -152,7 +150,10 @@ impl TensorGrid {
             ScaleKind::Group if dims.len() == 2 => {
                 let (rows, cols) = (dims[0], dims[1]);
                 if cols % cfg.group_size != 0 {
-                    bail!("quant.grid.group_size {} does not divide the {cols} columns of a selected tensor", cfg.group_size);
+                    bail!(
+                        "quant.grid.group_size {} does not divide the {cols} columns of a selected tensor",
+                        cfg.group_size
+                    );
                 }
                 vec![rows, cols / cfg.group_size, cfg.group_size]
             }
@@ -163,15 +164,9 @@ impl TensorGrid {
             (ScaleKind::Absolute, _) => {
                 let mut shape = view.clone();
                 *shape.last_mut().expect("view is never empty") = 1;
-                Tensor::full(
-                    cfg.step.expect("validated") as f32,
-                    shape.as_slice(),
-                    w.device(),
-                )?
+                Tensor::full(cfg.step.expect("validated") as f32, shape.as_slice(), w.device())?
             }
-            (_, ScaleRule::Absmax) => {
-                f16_exact(&(wv.abs()?.max_keepdim(D::Minus1)? / half_levels)?)?
-            }
+            (_, ScaleRule::Absmax) => f16_exact(&(wv.abs()?.max_keepdim(D::Minus1)? / half_levels)?)?,
             (_, ScaleRule::Std) => {
                 let mean = wv.mean_keepdim(D::Minus1)?;
                 let var = wv.broadcast_sub(&mean)?.sqr()?.mean_keepdim(D::Minus1)?;
@@ -203,8 +198,7 @@ impl TensorGrid {
                 let mut q = Tensor::full(levels[0], w.shape(), w.device())?.to_dtype(w.dtype())?;
                 for pair in levels.windows(2) {
                     let mid = ((pair[0] as f64 + pair[1] as f64) / 2.0) as f32;
-                    let upper =
-                        Tensor::full(pair[1], w.shape(), w.device())?.to_dtype(w.dtype())?;
+                    let upper = Tensor::full(pair[1], w.shape(), w.device())?.to_dtype(w.dtype())?;
                     q = w.gt(mid as f64)?.where_cond(&upper, &q)?;
                 }
                 Ok(q)
@@ -215,9 +209,7 @@ impl TensorGrid {
     /// The largest representable magnitude per scale group (`L·s`), broadcastable over the view.
     fn clip(&self) -> Result<Option<Tensor>> {
         match self {
-            TensorGrid::Uniform {
-                scale, half_levels, ..
-            } => Ok(Some((scale * *half_levels)?)),
+            TensorGrid::Uniform { scale, half_levels, .. } => Ok(Some((scale * *half_levels)?)),
             TensorGrid::Levels(_) => Ok(None),
         }
     }
@@ -229,9 +221,7 @@ impl TensorGrid {
         let q = self.quantize(&w)?;
         let err = (&w - &q)?.abs()?;
         // Counts are summed as u32: f32 sums of ones stop being exact past 2^24 entries.
-        let f = |t: Tensor| -> Result<Tensor> {
-            Ok(t.to_dtype(DType::U32)?.sum_all()?.to_dtype(DType::F64)?)
-        };
+        let f = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::U32)?.sum_all()?.to_dtype(DType::F64)?) };
         let (sat_q, sat_w) = match self {
             TensorGrid::Uniform { view, .. } => {
                 let clip = self.clip()?.expect("uniform grids have a clip");

@@ -24,10 +24,7 @@ pub fn harden(params: &Params, quantizer: &Quantizer, view: View) -> Result<Hard
         let new = quantizer.view(name, &old, view, false)?;
         moved.insert(
             name.clone(),
-            old.ne(&new)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()? as usize,
+            old.ne(&new)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize,
         );
         var.set(&new)?;
         backup.insert(name.clone(), old);

@@ -146,20 +146,16 @@ impl Quantizer {
     }
 
     /// Rebuild from stored scales (`scale.{name}` tensors), so a resumed run keeps its grid.
-    pub fn from_scales(
-        cfg: &QuantConfig,
-        params: &Params,
-        scales: &BTreeMap<String, Tensor>,
-    ) -> Result<Self> {
+    pub fn from_scales(cfg: &QuantConfig, params: &Params, scales: &BTreeMap<String, Tensor>) -> Result<Self> {
         if cfg.grid.levels.is_some() || scales.is_empty() {
             return Self::new(cfg, params);
         }
         let names = cfg.select.select(params.vars.keys())?;
         let mut grids = BTreeMap::new();
         for n in names {
-            let scale = scales.get(&format!("scale.{n}")).with_context(|| {
-                format!("the checkpoint's quant state lacks the scale of `{n}`")
-            })?;
+            let scale = scales
+                .get(&format!("scale.{n}"))
+                .with_context(|| format!("the checkpoint's quant state lacks the scale of `{n}`"))?;
             let dev = params.get(&n)?.device().clone();
             grids.insert(
                 n.clone(),
@@ -183,13 +179,7 @@ impl Quantizer {
     /// The weight a forward uses for parameter `name` under `view` (unselected names pass through).
     /// The value is exactly the target; with `straight_through` the gradient still reaches x:
     /// `target.detach() + (x − x.detach())` adds an exact zero that carries d/dx = 1.
-    pub fn view(
-        &self,
-        name: &str,
-        x: &Tensor,
-        view: View,
-        straight_through: bool,
-    ) -> Result<Tensor> {
+    pub fn view(&self, name: &str, x: &Tensor, view: View, straight_through: bool) -> Result<Tensor> {
         let Some(grid) = self.grids.get(name) else {
             return Ok(x.clone());
         };

@@ -29,9 +29,7 @@ impl Default for SelectorConfig {
     fn default() -> Self {
         SelectorConfig {
             mode: SelectMode::Mlp,
-            exclude: ["bias", "norm", "embed_tokens", "lm_head"]
-                .map(String::from)
-                .to_vec(),
+            exclude: ["bias", "norm", "embed_tokens", "lm_head"].map(String::from).to_vec(),
             include: vec![],
         }
     }
@@ -61,11 +59,7 @@ impl SelectorConfig {
     }
 
     pub fn select<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> Result<Vec<String>> {
-        let chosen: Vec<String> = names
-            .into_iter()
-            .filter(|n| self.selects(n))
-            .cloned()
-            .collect();
+        let chosen: Vec<String> = names.into_iter().filter(|n| self.selects(n)).cloned().collect();
         if chosen.is_empty() {
             anyhow::bail!(
                 "the quant selector (mode {:?}, include {:?}, exclude {:?}) selects no parameter",

@@ -70,24 +70,17 @@ impl Sensitivity {
 
     /// Pull weights for `names` (0-d tensors). Tensors without an S get the map's neutral value.
     pub fn weights(&self, cfg: &SensConfig, names: &[String]) -> Result<BTreeMap<String, Tensor>> {
-        let known: Vec<&String> = names
-            .iter()
-            .filter(|n| self.values.contains_key(*n))
-            .collect();
+        let known: Vec<&String> = names.iter().filter(|n| self.values.contains_key(*n)).collect();
         let device = match self.values.values().next() {
             Some(t) => t.device().clone(),
             None => candle_core::Device::Cpu,
         };
         let one = Tensor::new(1f32, &device)?;
-        let mut out: BTreeMap<String, Tensor> =
-            names.iter().map(|n| (n.clone(), one.clone())).collect();
+        let mut out: BTreeMap<String, Tensor> = names.iter().map(|n| (n.clone(), one.clone())).collect();
         if !cfg.enable || known.is_empty() {
             return Ok(out);
         }
-        let s = Tensor::stack(
-            &known.iter().map(|n| &self.values[*n]).collect::<Vec<_>>(),
-            0,
-        )?;
+        let s = Tensor::stack(&known.iter().map(|n| &self.values[*n]).collect::<Vec<_>>(), 0)?;
         let w = match cfg.map {
             SensMap::InvSqrt => {
                 let mean = s.maximum(1e-8)?.mean_all()?.maximum(1e-8)?;
@@ -107,10 +100,7 @@ impl Sensitivity {
                     let var = (z.broadcast_sub(&mu)?.sqr()?.sum_all()? / (n - 1.0))?;
                     let sigma = (var.sqrt()? + 1e-6)?;
                     let arg = z.broadcast_sub(&mu)?.neg()?.broadcast_div(&sigma)?;
-                    let w = ((candle_core::Tensor::ones_like(&arg)? + arg.neg()?.exp()?)?
-                        .recip()?
-                        * 4.0)?
-                        + 1.0;
+                    let w = ((candle_core::Tensor::ones_like(&arg)? + arg.neg()?.exp()?)?.recip()? * 4.0)? + 1.0;
                     let w = w?;
                     let mean_w = (w.mean_all()? + 1e-12)?;
                     w.broadcast_div(&mean_w)?
@@ -118,10 +108,7 @@ impl Sensitivity {
             }
         };
         for (i, n) in known.iter().enumerate() {
-            out.insert(
-                (*n).clone(),
-                w.get(i).with_context(|| format!("weight of {n}"))?,
-            );
+            out.insert((*n).clone(), w.get(i).with_context(|| format!("weight of {n}"))?);
         }
         Ok(out)
     }

@@ -45,10 +45,7 @@ pub fn compute(params: &Params, quantizer: &Quantizer, atol: f64) -> Result<Stat
             Some(s) => s.to_dtype(candle_core::DType::F64)?.mean_all()?,
             None => Tensor::new(f64::NAN, c.hit.device())?,
         };
-        rows.push(Tensor::stack(
-            &[c.hit, c.sat_q, c.sat_w, c.abs_err, scale],
-            0,
-        )?);
+        rows.push(Tensor::stack(&[c.hit, c.sat_q, c.sat_w, c.abs_err, scale], 0)?);
     }
     // One device → host transfer for all tensors.
     let values = Tensor::stack(&rows, 0)?.to_vec2::<f64>()?;

@@ -44,8 +44,7 @@ pub struct Checkpoint {
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     let pointer = path.join("latest");
     if path.is_dir() && pointer.is_file() {
-        let name = std::fs::read_to_string(&pointer)
-            .with_context(|| format!("reading {}", pointer.display()))?;
+        let name = std::fs::read_to_string(&pointer).with_context(|| format!("reading {}", pointer.display()))?;
         return Ok(path.join(name.trim()));
     }
     Ok(path.to_path_buf())
@@ -59,12 +58,8 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let model = io::load_model(&dir)?;
     let state_file = dir.join("trainer_state.json");
     let state = if state_file.is_file() {
-        let text = std::fs::read_to_string(&state_file)
-            .with_context(|| format!("reading {}", state_file.display()))?;
-        Some(
-            serde_json::from_str(&text)
-                .with_context(|| format!("parsing {}", state_file.display()))?,
-        )
+        let text = std::fs::read_to_string(&state_file).with_context(|| format!("reading {}", state_file.display()))?;
+        Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", state_file.display()))?)
     } else {
         None
     };
@@ -99,18 +94,10 @@ pub fn write(dir: &Path, overwrite: bool, model: &LoadedModel, parts: SaveParts)
     fsutil::write_dir_atomic(dir, overwrite, |tmp| {
         io::save_hf(tmp, &model.cfg, &model.tensors, &model.tokenizer)?;
         if !parts.optimizer.is_empty() {
-            io::save_safetensors(
-                &parts.optimizer,
-                DType::F32,
-                &tmp.join("optimizer.safetensors"),
-            )?;
+            io::save_safetensors(&parts.optimizer, DType::F32, &tmp.join("optimizer.safetensors"))?;
         }
         if !parts.quant.is_empty() {
-            io::save_safetensors(
-                &parts.quant,
-                DType::F32,
-                &tmp.join("quant_state.safetensors"),
-            )?;
+            io::save_safetensors(&parts.quant, DType::F32, &tmp.join("quant_state.safetensors"))?;
         }
         let json = serde_json::to_string_pretty(parts.state)?;
         fsutil::write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())

@@ -26,7 +26,8 @@ use optim::AdamW;
 pub fn pick_device(choice: DeviceChoice) -> Result<Device> {
     Ok(match choice {
         DeviceChoice::Cpu => Device::Cpu,
-        DeviceChoice::Cuda => Device::new_cuda(0).context("train.device = \"cuda\" but no CUDA device could be opened (is this a --features cuda build?)")?,
+        DeviceChoice::Cuda => Device::new_cuda(0)
+            .context("train.device = \"cuda\" but no CUDA device could be opened (is this a --features cuda build?)")?,
         DeviceChoice::Auto => Device::cuda_if_available(0)?,
     })
 }
@@ -136,10 +137,11 @@ impl Trainer {
 
         let (train, val) = data::split(records, cfg.val_size(), cfg.data.split_seed)
             .with_context(|| format!("splitting {}", cfg.data.path.display()))?;
-        let eos_id =
-            *loaded.cfg.eos_token_ids.first().context(
-                "the model config has no eos_token_id; the data needs one to end responses",
-            )?;
+        let eos_id = *loaded
+            .cfg
+            .eos_token_ids
+            .first()
+            .context("the model config has no eos_token_id; the data needs one to end responses")?;
         let encoder = Encoder {
             tokenizer: loaded.tokenizer.clone(),
             eos_id,
@@ -163,8 +165,7 @@ impl Trainer {
                 let mut sens = Sensitivity::default();
                 for name in quantizer.grids.keys() {
                     if let Some(s) = stored.get(&format!("sens.{name}")) {
-                        sens.values
-                            .insert(name.clone(), s.to_device(&device)?.reshape(())?);
+                        sens.values.insert(name.clone(), s.to_device(&device)?.reshape(())?);
                     }
                 }
                 let dual = state
@@ -263,8 +264,7 @@ impl Trainer {
     /// Train to `max_steps` with progress, metrics, evals and checkpoints.
     pub fn run(&mut self) -> Result<()> {
         let t = self.cfg.train.clone();
-        std::fs::create_dir_all(&t.out_dir)
-            .with_context(|| format!("creating out_dir {}", t.out_dir.display()))?;
+        std::fs::create_dir_all(&t.out_dir).with_context(|| format!("creating out_dir {}", t.out_dir.display()))?;
         let mut metrics = Metrics::open(&t.out_dir.join("metrics.jsonl"), t.max_steps, self.step)?;
         tracing::info!(params = self.model_cfg.num_params(), device = ?self.model.device, dtype = ?self.compute_dtype,
             accum = self.cfg.accum(), selected = self.quant.as_ref().map(|q| q.quantizer.grids.len()).unwrap_or(0), "training");
@@ -286,10 +286,7 @@ impl Trainer {
                     tokens_since as f64 / started.elapsed().as_secs_f64().max(1e-9),
                 )?;
             }
-            if self.cfg.eval.every > 0
-                && done.is_multiple_of(self.cfg.eval.every)
-                && done < t.max_steps
-            {
+            if self.cfg.eval.every > 0 && done.is_multiple_of(self.cfg.eval.every) && done < t.max_steps {
                 let losses = self.evaluate(&self.val)?;
                 metrics.eval(done, "periodic", &losses)?;
             }
@@ -335,9 +332,7 @@ impl Trainer {
                 *p.seconds.entry(phase).or_default() += (now - last).as_secs_f64();
             }
             p.last = Some(now);
-            p.peak_bytes = p
-                .peak_bytes
-                .max(device_used_bytes(&self.model.device).unwrap_or(0));
+            p.peak_bytes = p.peak_bytes.max(device_used_bytes(&self.model.device).unwrap_or(0));
         }
         Ok(())
     }

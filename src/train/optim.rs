@@ -54,14 +54,7 @@ impl AdamW {
         self.t += 1;
     }
 
-    pub fn update(
-        &mut self,
-        name: &str,
-        var: &Var,
-        grad: &Tensor,
-        lr: f64,
-        how: Update,
-    ) -> Result<()> {
+    pub fn update(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64, how: Update) -> Result<()> {
         // Detached: optimizer state must never hold an autograd graph (it would grow every step).
         let g = grad.detach().to_dtype(DType::F32)?;
         let (b1, b2) = (self.beta1, self.beta2);
@@ -77,19 +70,11 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.t as i32);
         let dir = ((&m / bc1)? / ((v.sqrt()? / bc2.sqrt())? + self.eps)?)?;
         let x = var.as_tensor().detach().to_dtype(DType::F32)?;
-        let wd = if Self::decays(&x) {
-            self.weight_decay
-        } else {
-            0.0
-        };
+        let wd = if Self::decays(&x) { self.weight_decay } else { 0.0 };
         let task = if wd > 0.0 { (dir + (&x * wd)?)? } else { dir };
         let next = match how {
             Update::Plain => (&x - (task * lr)?)?,
-            Update::Prox {
-                task_scale,
-                pull,
-                q,
-            } => {
+            Update::Prox { task_scale, pull, q } => {
                 let toward_grid = (&x - q.to_dtype(DType::F32)?)?.broadcast_mul(pull)?;
                 (&x - ((toward_grid + (task * task_scale)?)? * lr)?)?
             }

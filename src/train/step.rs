@@ -48,18 +48,14 @@ impl Trainer {
         for _ in 0..accum {
             let batch = self.stream.next_batch(t.micro_batch)?;
             tokens += batch.rows * batch.cols;
-            let ids = Tensor::from_vec(
-                batch.ids.clone(),
-                (batch.rows, batch.cols),
-                &self.model.device,
-            )?;
+            let ids = Tensor::from_vec(batch.ids.clone(), (batch.rows, batch.cols), &self.model.device)?;
             let quantizer = self.quant.as_ref().map(|q| &q.quantizer);
-            let weights =
-                self.params
-                    .compute_weights(self.compute_dtype, |name, x| match quantizer {
-                        Some(qz) => qz.view(name, x, view, true),
-                        None => Ok(x.clone()),
-                    })?;
+            let weights = self
+                .params
+                .compute_weights(self.compute_dtype, |name, x| match quantizer {
+                    Some(qz) => qz.view(name, x, view, true),
+                    None => Ok(x.clone()),
+                })?;
             let (loss, _) = self.model.loss(&weights, &ids, &batch.labels)?;
             self.mark("forward")?;
             let step_grads = (&loss / accum as f64)?.backward()?;
@@ -126,18 +122,15 @@ impl Trainer {
         match &mut self.quant {
             None => {
                 for (name, var) in &self.params.vars {
-                    self.opt
-                        .update(name, var, &grads[name], lr, Update::Plain)?;
+                    self.opt.update(name, var, &grads[name], lr, Update::Plain)?;
                 }
             }
             Some(q) => {
                 let qc = q.quantizer.cfg.clone();
                 let names = q.quantizer.names();
                 // 4. Sensitivity EMA from the clipped task gradients; pull weights s_i.
-                let selected_grads: BTreeMap<String, Tensor> = names
-                    .iter()
-                    .map(|n| (n.clone(), grads[n].clone()))
-                    .collect();
+                let selected_grads: BTreeMap<String, Tensor> =
+                    names.iter().map(|n| (n.clone(), grads[n].clone())).collect();
                 if qc.method == Method::Prox && qc.sens.enable {
                     q.sens.update(qc.sens.ema, &selected_grads)?;
                 }
@@ -171,11 +164,7 @@ impl Trainer {
                         (Method::Prox, Pull::Prox, true) => {
                             let x = &var.as_tensor().detach();
                             let qx = q.quantizer.q(name, x)?;
-                            let coef = dist_loss::prox_coefficient(
-                                pull,
-                                &weights[name].to_device(x.device())?,
-                                lr,
-                            )?;
+                            let coef = dist_loss::prox_coefficient(pull, &weights[name].to_device(x.device())?, lr)?;
                             self.opt.update(
                                 name,
                                 var,

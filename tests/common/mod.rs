@@ -26,7 +26,10 @@ pub fn assets() -> PathBuf {
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-        assert!(ok, "scripts/fetch-assets.sh failed: these tests need the real assets (../shared/assets.md)");
+        assert!(
+            ok,
+            "scripts/fetch-assets.sh failed: these tests need the real assets (../shared/assets.md)"
+        );
     }
     dir
 }
@@ -39,15 +42,15 @@ pub fn python() -> String {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(ok, "{py} lacks numpy/gguf/tiktoken: run the tests through scripts/test.sh, which installs them");
+    assert!(
+        ok,
+        "{py} lacks numpy/gguf/tiktoken: run the tests through scripts/test.sh, which installs them"
+    );
     py
 }
 
 pub fn run_python(args: &[&str]) -> String {
-    let out = Command::new(python())
-        .args(args)
-        .output()
-        .expect("running python");
+    let out = Command::new(python()).args(args).output().expect("running python");
     assert!(
         out.status.success(),
         "python {args:?} failed: {}",
@@ -66,9 +69,8 @@ pub fn randn(shape: &[usize], seed: u64, scale: f64) -> Tensor {
 
 /// A tiny word-level tokenizer (`w0 .. w{n-1}`), enough for checkpoint round trips.
 pub fn tiny_tokenizer(n: usize) -> tokenizers::Tokenizer {
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..n)
-        .map(|i| (format!("w{i}"), (i as u64).into()))
-        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..n).map(|i| (format!("w{i}"), (i as u64).into())).collect();
     let json = serde_json::json!({"version": "1.0", "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null, "truncation": null, "padding": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
@@ -169,5 +171,16 @@ pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The bit patterns of an f32 tensor, for bit-exact comparisons.
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
         .collect()
 }
