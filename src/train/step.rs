@@ -181,7 +181,8 @@ impl Trainer {
                     }
                 }
                 if qc.method == Method::Prox {
-                    report.prox_clamped = Some(pull * qc.sens.w_max * lr >= 1.0);
+                    // Whether the η·c·s ≤ 1 clamp can bind this step (for the most weakly sensitive tensor).
+                    report.prox_clamped = (qc.pull == Pull::Prox).then_some(pull * qc.sens.w_max * lr >= 1.0);
                     // 7. λ from the mean micro-batch loss this step already computed.
                     qc.dual.update(&mut q.dual, loss);
                     report.lambda = Some(q.dual.lambda);
