@@ -82,6 +82,8 @@ pub struct TrainSection {
     pub grad_clip: f64,
     pub seed: u64,
     pub precision: Precision,
+    /// Allow TF32 tensor cores for f32 matmuls on CUDA (10-bit mantissa inputs; off, as in PyTorch).
+    pub tf32: bool,
     pub device: DeviceChoice,
     /// Log (progress bar + metrics.jsonl) every N optimizer steps.
     pub log_every: usize,
@@ -108,6 +110,7 @@ impl Default for TrainSection {
             grad_clip: 1.0,
             seed: 1337,
             precision: Precision::Auto,
+            tf32: false,
             device: DeviceChoice::Auto,
             log_every: 10,
             save_every: 0,

@@ -119,6 +119,10 @@ impl Trainer {
     ) -> Result<Self> {
         let device = pick_device(cfg.train.device)?;
         let (master, compute) = dtypes(cfg.train.precision, &device);
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            candle_core::cuda_backend::set_gemm_reduced_precision_f32(cfg.train.tf32);
+        }
         let state = ckpt.and_then(|c| c.state.clone());
         let vocab = loaded.tokenizer.get_vocab_size(true);
         if vocab > loaded.cfg.vocab_size {
