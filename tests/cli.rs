@@ -246,3 +246,38 @@ fn eval_text_perplexity_follows_the_gptq_protocol_and_generates() {
     assert_eq!(g["prompt"], "The");
     assert!(g["token_ids"].as_array().unwrap().len() <= 5);
 }
+
+#[test]
+fn nan_guard_skips_then_stops_with_the_last_checkpoint_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model_dir(&model, 6);
+    let cfg = tiny_config(tmp.path(), &model, "");
+    let sets = [
+        "train.lr=1e30",
+        "train.min_lr=1e30",
+        "train.warmup_steps=0",
+        "train.save_every=1",
+        "train.max_steps=20",
+    ];
+    let mut args = vec!["train", "--config", cfg.to_str().unwrap()];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    let out = run_bin(&args, tmp.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run must stop");
+    assert!(
+        err.contains("consecutive steps had a non-finite loss") && err.contains("train.lr"),
+        "{err}"
+    );
+    let lines = common::metrics(&tmp.path().join("run"));
+    let skipped = lines.iter().filter(|l| l["skipped"] == true).count();
+    assert_eq!(skipped, 5, "train.max_bad_steps = 5 skipped steps before stopping");
+    // The last checkpoint (from before the first bad step) is whole and loads.
+    let ev = stdout_json(&run_bin(
+        &["eval", "--ckpt", tmp.path().join("run").to_str().unwrap(), "--json"],
+        tmp.path(),
+    ));
+    assert!(ev["val_loss"].is_number());
+}

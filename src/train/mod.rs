@@ -282,13 +282,22 @@ impl Trainer {
             let report = self.step()?;
             tokens_since += report.tokens;
             let done = self.step;
-            if done.is_multiple_of(t.log_every.max(1)) || done == t.max_steps {
+            if report.skipped || done.is_multiple_of(t.log_every.max(1)) || done == t.max_steps {
                 let extra = self.log_extras()?;
                 metrics.step(
                     &report,
                     extra,
                     tokens_since as f64 / started.elapsed().as_secs_f64().max(1e-9),
                 )?;
+            }
+            if self.bad_steps >= t.max_bad_steps {
+                bail!(
+                    "{} consecutive steps had a non-finite loss or gradient norm (last: loss {}, grad norm {}); stopping. \
+                     The last checkpoint is intact. Likely causes: train.lr too high, or a quant grid step too small for the weights",
+                    self.bad_steps,
+                    report.loss,
+                    report.grad_norm
+                );
             }
             if self.cfg.eval.every > 0 && done.is_multiple_of(self.cfg.eval.every) && done < t.max_steps {
                 let losses = self.evaluate(&self.val)?;

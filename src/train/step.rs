@@ -1,7 +1,7 @@
 //! One optimizer step, in the order of spec §13. The only host read is one pair of scalars (mean loss,
 //! grad norm) after the micro-batches: it feeds the NaN guard and the λ controller.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -106,13 +106,6 @@ impl Trainer {
                 grad_norm,
                 "non-finite loss or gradient: step skipped"
             );
-            if self.bad_steps >= t.max_bad_steps {
-                bail!(
-                    "{} consecutive steps had a non-finite loss or gradient norm (last: loss {loss}, grad norm {grad_norm}); stopping. \
-                     The last checkpoint is intact. Likely causes: train.lr too high, or a quant grid step too small for the weights",
-                    self.bad_steps
-                );
-            }
             self.step += 1;
             return Ok(report);
         }
