@@ -367,6 +367,12 @@ impl Trainer {
 
 /// `proxqat train`: build and run.
 pub fn train(cfg: Config, resume: Option<PathBuf>) -> Result<()> {
+    if cfg.train.out_dir.is_file() {
+        bail!(
+            "train.out_dir {} is a file; point train.out_dir at a directory",
+            cfg.train.out_dir.display()
+        );
+    }
     let resume = resume.map(|p| checkpoint::resolve(&p)).transpose()?;
     let mut trainer = Trainer::new(cfg, resume.as_deref())?;
     trainer.run()
