@@ -7,7 +7,7 @@ cd "$repo"
 bash scripts/fetch-assets.sh
 cargo build --release
 bin=target/release/proxqat
-$bin train --config configs/demo.toml "$@"
+$bin train --config configs/demo.toml --overwrite "$@"
 $bin stats --ckpt runs/demo | tail -4
 $bin harden --ckpt runs/demo --all --out runs/demo-hard --overwrite | tail -1
 $bin eval --ckpt runs/demo-hard --prompt "The capital of France is" --max-new-tokens 12

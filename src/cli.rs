@@ -96,6 +96,9 @@ pub struct TrainArgs {
     /// Continue from a checkpoint directory (or a run directory's `latest`); default: the config's out_dir.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<Option<PathBuf>>,
+    /// Start over in an out_dir that already holds a run (its contents are deleted first).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug)]

@@ -18,7 +18,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => {
             let cfg = Config::load(&a.config, &a.overrides)?;
             let resume = a.resume.map(|dir| dir.unwrap_or_else(|| cfg.train.out_dir.clone()));
-            train::train(cfg, resume)
+            train::train(cfg, resume, a.overwrite)
         }
         Command::Eval(a) => run_eval(a),
         Command::Harden(a) => run_harden(a),

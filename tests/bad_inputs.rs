@@ -136,3 +136,35 @@ fn records_longer_than_max_seq_length_are_truncated_with_a_count() {
         "{err}"
     );
 }
+
+#[test]
+fn a_fresh_run_never_mixes_into_an_existing_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model_dir(&model, 5);
+    let cfg = tiny_config(tmp.path(), &model, "");
+    let train = |extra: &[&str]| {
+        let mut a = vec!["train", "--config", cfg.to_str().unwrap(), "--set", "train.max_steps=2"];
+        a.extend(extra);
+        run_bin(&a, tmp.path())
+    };
+    assert!(train(&[]).status.success());
+    let metrics = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+    fails_with(
+        &["train", "--config", cfg.to_str().unwrap(), "--set", "train.max_steps=2"],
+        tmp.path(),
+        &["already holds a run", "--resume", "--overwrite"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap(),
+        metrics,
+        "nothing changed"
+    );
+    assert!(train(&["--overwrite"]).status.success());
+    let lines = common::metrics(&tmp.path().join("run"));
+    assert_eq!(
+        lines.iter().filter(|l| l["kind"] == "train").count(),
+        2,
+        "--overwrite starts a clean metrics file"
+    );
+}

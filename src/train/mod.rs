@@ -366,12 +366,23 @@ impl Trainer {
 }
 
 /// `proxqat train`: build and run.
-pub fn train(cfg: Config, resume: Option<PathBuf>) -> Result<()> {
+pub fn train(cfg: Config, resume: Option<PathBuf>, overwrite: bool) -> Result<()> {
     if cfg.train.out_dir.is_file() {
         bail!(
             "train.out_dir {} is a file; point train.out_dir at a directory",
             cfg.train.out_dir.display()
         );
+    }
+    let out = &cfg.train.out_dir;
+    let has_run = out.join("latest").exists() || out.join("metrics.jsonl").exists();
+    if resume.is_none() && has_run {
+        if !overwrite {
+            bail!(
+                "train.out_dir {} already holds a run: pass --resume to continue it or --overwrite to start over",
+                out.display()
+            );
+        }
+        std::fs::remove_dir_all(out).with_context(|| format!("clearing {}", out.display()))?;
     }
     let resume = resume.map(|p| checkpoint::resolve(&p)).transpose()?;
     let mut trainer = Trainer::new(cfg, resume.as_deref())?;
