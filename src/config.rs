@@ -174,7 +174,7 @@ impl Config {
         }
         let cfg: Config = value
             .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.message()))?;
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", with_suggestion(e.message())))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -220,6 +220,35 @@ impl Config {
     pub fn accum(&self) -> usize {
         self.train.global_batch / self.train.micro_batch
     }
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" plus the closest valid key, if one is close.
+fn with_suggestion(message: &str) -> String {
+    let quoted: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
+    if !message.starts_with("unknown field") || quoted.len() < 2 {
+        return message.to_string();
+    }
+    let (typo, valid) = (quoted[0], &quoted[1..]);
+    match valid.iter().map(|v| (edit_distance(typo, v), *v)).min() {
+        Some((d, v)) if d <= 2.max(typo.len() / 3) => format!("{message} (did you mean `{v}`?)"),
+        _ => message.to_string(),
+    }
+}
+
+/// Levenshtein distance over chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + (ca != *cb) as usize).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// `section.key=value` (dotted path, TOML value; a bare word is taken as a string).

@@ -135,6 +135,7 @@ fn bad_configs_are_refused_with_the_key_named() {
     tiny_model_dir(&model, 2);
     let cases = [
         ("[quant]\nstpe = 1\n", "stpe"),
+        ("[quant]\ndist_sacle = 1.0\n", "did you mean `dist_scale`?"),
         ("[quant.grid]\nscale = \"absolute\"\nstep = 0.0\n", "quant.grid.step"),
         ("[quant.grid]\nlevels = [0.1, -0.1]\n", "ascending"),
         ("[quant.grid]\nbits = 12\n", "quant.grid.bits"),
