@@ -41,21 +41,23 @@ impl Trainer {
         }
 
         // 2. Micro-batches: forward at the training view, backward f/accum, accumulate gradients.
+        // The weights do not change within a step: cast (and quantize, for STE / grad at q) once, and
+        // let every micro-batch's backward run through the same graph nodes.
         let view = self.train_view();
+        let quantizer = self.quant.as_ref().map(|q| &q.quantizer);
+        let weights = self
+            .params
+            .compute_weights(self.compute_dtype, |name, x| match quantizer {
+                Some(qz) => qz.view(name, x, view, true),
+                None => Ok(x.clone()),
+            })?;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = Tensor::zeros((), DType::F32, &self.model.device)?;
         let mut tokens = 0;
         for _ in 0..accum {
             let batch = self.stream.next_batch(t.micro_batch)?;
             tokens += batch.rows * batch.cols;
-            let ids = Tensor::from_vec(batch.ids.clone(), (batch.rows, batch.cols), &self.model.device)?;
-            let quantizer = self.quant.as_ref().map(|q| &q.quantizer);
-            let weights = self
-                .params
-                .compute_weights(self.compute_dtype, |name, x| match quantizer {
-                    Some(qz) => qz.view(name, x, view, true),
-                    None => Ok(x.clone()),
-                })?;
+            let ids = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), &self.model.device)?;
             let (loss, _) = self.model.loss(&weights, &ids, &batch.labels)?;
             self.mark("forward")?;
             let step_grads = (&loss / accum as f64)?.backward()?;
@@ -72,6 +74,7 @@ impl Trainer {
             loss_sum = (loss_sum + loss.detach().to_dtype(DType::F32)?)?;
             self.mark("backward")?;
         }
+        drop(weights);
 
         // 3. Clip the global gradient norm (on the device: the factor is a 0-d tensor).
         let norm = grads
