@@ -26,6 +26,8 @@ pub enum Command {
     Harden(HardenArgs),
     /// Per-tensor grid statistics of a checkpoint (hit rate, saturation, |w − q|, scale).
     Stats(StatsArgs),
+    /// Write a checkpoint as HF safetensors, a llama.cpp GGUF file or packed int codes + scales.
+    Export(ExportArgs),
     /// Step throughput of the training step on a random model of a given shape (GPU benchmark).
     Bench(BenchCliArgs),
     /// GPU checks: CUDA vs CPU parity, random checkpoints and gradient dumps for the PyTorch comparison.
@@ -166,4 +168,22 @@ pub struct StatsArgs {
     /// Hit tolerance (default: the quant config's atol).
     #[arg(long)]
     pub atol: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub ckpt: CkptArgs,
+    /// hf (directory), gguf (one file) or packed (directory with int codes + scales).
+    #[arg(long, value_enum)]
+    pub format: crate::export::Format,
+    /// Output directory (hf, packed) or file (gguf).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Float type of the tensors not stored on a grid; f32 is exact [default: f32].
+    #[arg(long = "dtype", value_enum, default_value = "f32")]
+    pub float: crate::export::FloatType,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub overwrite: bool,
 }

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
 
-use crate::cli::{CkptArgs, Cli, Command, EvalArgs, GpuCheck, HardenArgs, StatsArgs};
+use crate::cli::{CkptArgs, Cli, Command, EvalArgs, ExportArgs, GpuCheck, HardenArgs, StatsArgs};
 use crate::config::{Config, DeviceChoice, Precision};
 use crate::data::{self, Encoder};
 use crate::eval;
@@ -23,6 +23,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => run_eval(a),
         Command::Harden(a) => run_harden(a),
         Command::Stats(a) => run_stats(a),
+        Command::Export(a) => run_export(a),
         Command::Bench(a) => {
             let r = crate::bench::run(&crate::bench::BenchArgs {
                 shape: &a.shape,
@@ -287,6 +288,45 @@ fn run_harden(a: HardenArgs) -> Result<()> {
             a.out.display()
         );
     }
+    Ok(())
+}
+
+fn run_export(a: ExportArgs) -> Result<()> {
+    let o = open(&a.ckpt)?;
+    let quantizer = o.quantizer()?;
+    let model = LoadedModel {
+        cfg: o.ckpt.model.cfg.clone(),
+        tensors: o.params.to_tensors(),
+        tokenizer: o.ckpt.model.tokenizer.clone(),
+    };
+    let report = crate::export::export(
+        &model,
+        quantizer.as_ref(),
+        &crate::export::Options {
+            format: a.format,
+            out: &a.out,
+            float: a.float,
+            overwrite: a.overwrite,
+        },
+    )?;
+    if a.ckpt.json {
+        print_json(&serde_json::to_value(&report)?);
+        return Ok(());
+    }
+    for t in &report.tensors {
+        let exact = if t.exact { "exact" } else { "rounded" };
+        let note = t.note.as_deref().map(|n| format!("  ({n})")).unwrap_or_default();
+        println!("{:<44} {:<22} {exact}{note}", t.name, t.storage);
+    }
+    let inexact = report.tensors.iter().filter(|t| !t.exact).count();
+    let off_grid = report.tensors.iter().filter(|t| t.note.is_some()).count();
+    println!(
+        "wrote {} ({:.1} MB, {:?}): {} tensors, {inexact} not bit-exact, {off_grid} selected tensors not stored on their grid",
+        report.out.display(),
+        report.bytes as f64 / 1e6,
+        report.format,
+        report.tensors.len()
+    );
     Ok(())
 }
 

@@ -240,7 +240,7 @@ pub fn write_random(shape: &str, tokenizer: &Path, out: &Path, seed: u64) -> Res
     let tok = io::load_tokenizer(tokenizer)?;
     let params = Params::random(&cfg, seed, DType::F32, &Device::Cpu)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    io::save_hf(out, &cfg, &params.to_tensors(), &tok)
+    io::save_hf(out, &cfg, &params.to_tensors(), &tok, DType::F32)
 }
 
 /// Loss, last-position logits and the gradients of a few named tensors for fixed token ids.

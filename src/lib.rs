@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod fsutil;
 pub mod gpu_check;
 pub mod metrics;

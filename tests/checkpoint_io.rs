@@ -9,7 +9,14 @@ use std::collections::BTreeMap;
 
 fn saved(tensors: &BTreeMap<String, Tensor>, cfg: &LlamaConfig) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    io::save_hf(dir.path(), cfg, tensors, &common::tiny_tokenizer(40)).unwrap();
+    io::save_hf(
+        dir.path(),
+        cfg,
+        tensors,
+        &common::tiny_tokenizer(40),
+        candle_core::DType::F32,
+    )
+    .unwrap();
     dir
 }
 

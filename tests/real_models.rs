@@ -127,3 +127,79 @@ fn stats_of_a_bare_gguf_take_the_quant_section_from_config() {
     let without = common::run_bin(&["stats", "--ckpt", gguf.to_str().unwrap()], &common::repo());
     assert!(!without.status.success() && String::from_utf8_lossy(&without.stderr).contains("--config"));
 }
+
+#[test]
+fn hardened_smollm2_exports_to_gguf_bit_exact_and_still_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = common::assets().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let cfg = common::repo().join("configs/demo.toml");
+    let hard = tmp.path().join("hard");
+    let run = |args: &[&str]| {
+        let out = common::run_bin(args, tmp.path());
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (gguf, cfg, hard_s) = (gguf.to_str().unwrap(), cfg.to_str().unwrap(), hard.to_str().unwrap());
+    run(&["harden", "--ckpt", gguf, "--config", cfg, "--all", "--out", hard_s]);
+    let out = tmp.path().join("smol-q4.gguf");
+    let report: serde_json::Value = serde_json::from_str(&run(&[
+        "export",
+        "--ckpt",
+        hard_s,
+        "--format",
+        "gguf",
+        "--out",
+        out.to_str().unwrap(),
+        "--dtype",
+        "f16",
+        "--json",
+    ]))
+    .unwrap();
+    let q4 = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["storage"] == "Q4_0")
+        .count();
+    assert_eq!(q4, 90, "the 90 hardened MLP matrices are Q4_0: {report}");
+
+    // candle's reader (through proxqat's importer) and PyPI gguf both give the hardened values back.
+    let (back, hardened) = (load_model(&out).unwrap(), load_model(&hard).unwrap());
+    for (name, t) in &hardened.tensors {
+        if name.contains(".mlp.") {
+            assert!(common::bits(t) == common::bits(&back.tensors[name]), "{name} differs");
+        }
+    }
+    let checked: serde_json::Value = serde_json::from_str(&common::run_python(&[
+        common::repo().join("scripts/export_reference.py").to_str().unwrap(),
+        "gguf",
+        out.to_str().unwrap(),
+        hard_s,
+    ]))
+    .unwrap();
+    assert_eq!(checked["types"]["Q4_0"], 90, "{checked}");
+    // f16 storage rounds the rest (the report says so); the Q4_0 tensors must all match.
+    assert!(
+        checked["differ"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|n| !n.as_str().unwrap().contains(".mlp.")),
+        "{checked}"
+    );
+    let said = run(&[
+        "eval",
+        "--ckpt",
+        out.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]);
+    assert!(said.contains("Paris"), "{said}");
+}

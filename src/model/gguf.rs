@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tokenizers::Tokenizer;
 
-use super::config::LlamaConfig;
+use super::config::{Llama3RopeScaling, LlamaConfig};
 use super::io::LoadedModel;
 
 /// llama.cpp permutes q/k rows per head so that RoPE pairs are adjacent; HF pairs the two halves.
@@ -67,7 +67,11 @@ impl Meta<'_> {
     fn f64(&self, key: &str, default: f64) -> Result<f64> {
         match self.0.get(key) {
             None => Ok(default),
-            Some(v) => Ok(v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64())?),
+            // GGUF stores f32; read it as the shortest decimal (1e-5, not 9.99999974e-6), as HF configs hold.
+            Some(v) => Ok(v
+                .to_f32()
+                .map(|x| x.to_string().parse::<f64>().expect("a float's display parses"))
+                .or_else(|_| v.to_f64())?),
         }
     }
     fn opt_u32(&self, key: &str) -> Option<u32> {
@@ -98,14 +102,11 @@ pub fn import(path: &Path) -> Result<LoadedModel> {
             path.display()
         );
     }
-    if content.tensor_infos.contains_key("rope_freqs.weight") {
-        bail!("{}: per-frequency RoPE factors (rope_freqs.weight) are not supported in GGUF import; load the HF checkpoint instead", path.display());
-    }
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let heads = meta.usize("llama.attention.head_count")?;
     let kv_heads = meta.usize("llama.attention.head_count_kv").unwrap_or(heads);
     let hidden = meta.usize("llama.embedding_length")?;
-    let cfg = LlamaConfig {
+    let mut cfg = LlamaConfig {
         vocab_size: tokens.len(),
         hidden_size: hidden,
         intermediate_size: meta.usize("llama.feed_forward_length")?,
@@ -121,6 +122,14 @@ pub fn import(path: &Path) -> Result<LoadedModel> {
         bos_token_id: meta.opt_u32("tokenizer.ggml.bos_token_id"),
         eos_token_ids: meta.opt_u32("tokenizer.ggml.eos_token_id").into_iter().collect(),
     };
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let divisors = content
+            .tensor(&mut file, "rope_freqs.weight", &Device::Cpu)?
+            .dequantize(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        cfg.rope_scaling =
+            Some(llama3_scaling_of(&cfg, &divisors).with_context(|| format!("{}: rope_freqs.weight", path.display()))?);
+    }
     cfg.validate()
         .with_context(|| format!("GGUF metadata of {}", path.display()))?;
 
@@ -151,6 +160,32 @@ pub fn import(path: &Path) -> Result<LoadedModel> {
         tensors,
         tokenizer,
     })
+}
+
+/// The Llama-3 RoPE scaling whose divisors llama.cpp stored as `rope_freqs.weight`: Meta's published
+/// parameters (low 1, high 4, original context 8192) with `factor` the largest divisor. Other per-frequency
+/// factors have no HF equivalent and are refused.
+fn llama3_scaling_of(cfg: &LlamaConfig, divisors: &[f32]) -> Result<Llama3RopeScaling> {
+    let scaling = Llama3RopeScaling {
+        factor: divisors.iter().fold(1f32, |a, &b| a.max(b)) as f64,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
+    let expected = crate::model::ops::llama3_rope_divisors(&LlamaConfig {
+        rope_scaling: Some(scaling.clone()),
+        ..cfg.clone()
+    })
+    .expect("scaling is set");
+    let fits = expected.len() == divisors.len()
+        && expected
+            .iter()
+            .zip(divisors)
+            .all(|(e, &d)| ((*e as f32) - d).abs() <= 1e-6 * e.abs() as f32);
+    if !fits {
+        bail!("per-frequency RoPE factors that are not Llama-3 scaling (factor, low 1, high 4, context 8192) are not supported; load the HF checkpoint instead");
+    }
+    Ok(scaling)
 }
 
 /// llama.cpp's Llama-3 pre-tokenizer regex (the same as HF's Llama-3 tokenizer.json).

@@ -27,9 +27,15 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
             path.display()
         );
     }
-    let cfg = LlamaConfig::from_hf_file(&path.join("config.json"))?;
+    let config_file = path.join("config.json");
+    let cfg = LlamaConfig::from_hf_file(&config_file)?;
     let tokenizer = load_tokenizer(&path.join("tokenizer.json"))?;
-    let tensors = load_safetensors_dir(path)?;
+    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_file)?)?;
+    let tensors = if crate::export::packed::is_packed(&raw) {
+        crate::export::packed::load(&path.join("model.safetensors"), &raw)?
+    } else {
+        load_safetensors_dir(path)?
+    };
     Ok(LoadedModel {
         cfg,
         tensors,
@@ -127,10 +133,32 @@ pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, dtype: DType, path: 
     })
 }
 
-/// Write an HF checkpoint's model files into `dir` (which must exist).
-pub fn save_hf(dir: &Path, cfg: &LlamaConfig, tensors: &BTreeMap<String, Tensor>, tok: &Tokenizer) -> Result<()> {
-    save_safetensors(tensors, DType::F32, &dir.join("model.safetensors"))?;
-    crate::fsutil::write_atomic(&dir.join("config.json"), cfg.to_hf_json().as_bytes())?;
+/// Write an HF checkpoint's model files into `dir` (which must exist). Weights are stored as `dtype`
+/// (f32 is exact; the master weights are f32).
+pub fn save_hf(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    tensors: &BTreeMap<String, Tensor>,
+    tok: &Tokenizer,
+    dtype: DType,
+) -> Result<()> {
+    save_safetensors(tensors, dtype, &dir.join("model.safetensors"))?;
+    let mut config: serde_json::Value = serde_json::from_str(&cfg.to_hf_json())?;
+    config["torch_dtype"] = match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+    .into();
+    save_hf_side_files(dir, cfg, &config, tok)
+}
+
+/// config.json (as given), tokenizer.json and generation_config.json.
+pub fn save_hf_side_files(dir: &Path, cfg: &LlamaConfig, config: &serde_json::Value, tok: &Tokenizer) -> Result<()> {
+    crate::fsutil::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(config)?.as_bytes(),
+    )?;
     let tok_json = tok
         .to_string(false)
         .map_err(|e| anyhow::anyhow!("serialising tokenizer: {e}"))?;

@@ -25,30 +25,41 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     xs.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
+/// Llama-3 RoPE scaling as one divisor per frequency (what llama.cpp stores as `rope_freqs.weight`):
+/// high frequencies kept, low ones divided by `factor`, a smooth blend between. None without scaling.
+pub fn llama3_rope_divisors(cfg: &LlamaConfig) -> Option<Vec<f64>> {
+    let s = cfg.rope_scaling.as_ref()?;
+    let old = s.original_max_position_embeddings as f64;
+    Some(
+        base_frequencies(cfg)
+            .into_iter()
+            .map(|freq| {
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                if wavelen < old / s.high_freq_factor {
+                    1.0
+                } else if wavelen > old / s.low_freq_factor {
+                    s.factor
+                } else {
+                    let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    1.0 / ((1.0 - smooth) / s.factor + smooth)
+                }
+            })
+            .collect(),
+    )
+}
+
+fn base_frequencies(cfg: &LlamaConfig) -> Vec<f64> {
+    (0..cfg.head_dim / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
+        .collect()
+}
+
 /// RoPE angle tables `(cos, sin)`, each `(seq_len, head_dim)` in the rotate-half layout HF uses.
 pub fn rope_tables(cfg: &LlamaConfig, seq_len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-    let half = cfg.head_dim / 2;
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|i| {
-            let freq = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
-            match &cfg.rope_scaling {
-                None => freq,
-                Some(s) => {
-                    // Llama-3 scaling: keep high frequencies, divide low ones by `factor`, blend between.
-                    let old = s.original_max_position_embeddings as f64;
-                    let wavelen = 2.0 * std::f64::consts::PI / freq;
-                    if wavelen < old / s.high_freq_factor {
-                        freq
-                    } else if wavelen > old / s.low_freq_factor {
-                        freq / s.factor
-                    } else {
-                        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                        (1.0 - smooth) * freq / s.factor + smooth * freq
-                    }
-                }
-            }
-        })
-        .collect();
+    let mut inv_freq = base_frequencies(cfg);
+    if let Some(divisors) = llama3_rope_divisors(cfg) {
+        inv_freq.iter_mut().zip(divisors).for_each(|(f, d)| *f /= d);
+    }
     let mut cos = Vec::with_capacity(seq_len * cfg.head_dim);
     let mut sin = Vec::with_capacity(seq_len * cfg.head_dim);
     for t in 0..seq_len {

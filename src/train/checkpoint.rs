@@ -92,7 +92,7 @@ pub struct SaveParts<'a> {
 /// Write a checkpoint directory atomically (an existing `dir` is replaced only with `overwrite`).
 pub fn write(dir: &Path, overwrite: bool, model: &LoadedModel, parts: SaveParts) -> Result<()> {
     fsutil::write_dir_atomic(dir, overwrite, |tmp| {
-        io::save_hf(tmp, &model.cfg, &model.tensors, &model.tokenizer)?;
+        io::save_hf(tmp, &model.cfg, &model.tensors, &model.tokenizer, DType::F32)?;
         if !parts.optimizer.is_empty() {
             io::save_safetensors(&parts.optimizer, DType::F32, &tmp.join("optimizer.safetensors"))?;
         }

@@ -127,7 +127,7 @@ pub fn tiny_model_dir(dir: &Path, seed: u64) {
     cfg.eos_token_ids = vec![256];
     let params = proxqat::model::Params::random(&cfg, seed, DType::F32, &Device::Cpu).unwrap();
     std::fs::create_dir_all(dir).unwrap();
-    proxqat::model::io::save_hf(dir, &cfg, &params.to_tensors(), &byte_tokenizer()).unwrap();
+    proxqat::model::io::save_hf(dir, &cfg, &params.to_tensors(), &byte_tokenizer(), DType::F32).unwrap();
 }
 
 /// A run config for the tiny model on the Alpaca demo data; `extra` is appended TOML.
