@@ -28,6 +28,8 @@ pub enum Command {
     Stats(StatsArgs),
     /// Write a checkpoint as HF safetensors, a llama.cpp GGUF file or packed int codes + scales.
     Export(ExportArgs),
+    /// Draw a run's metrics.jsonl (losses, λ, γ, hit/saturation rates, lr) as a PNG or SVG.
+    Plot(PlotArgs),
     /// Step throughput of the training step on a random model of a given shape (GPU benchmark).
     Bench(BenchCliArgs),
     /// GPU checks: CUDA vs CPU parity, random checkpoints and gradient dumps for the PyTorch comparison.
@@ -184,6 +186,19 @@ pub struct ExportArgs {
     #[arg(long = "dtype", value_enum, default_value = "f32")]
     pub float: crate::export::FloatType,
     /// Replace an existing output.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// Run directory (the config's out_dir, holding metrics.jsonl).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Image to write, .png or .svg [default: RUN/metrics.png].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Replace an existing image.
     #[arg(long)]
     pub overwrite: bool,
 }

@@ -24,6 +24,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Harden(a) => run_harden(a),
         Command::Stats(a) => run_stats(a),
         Command::Export(a) => run_export(a),
+        Command::Plot(a) => {
+            let out = a.out.unwrap_or_else(|| a.run.join("metrics.png"));
+            let n = crate::plot::plot(&a.run, &out, a.overwrite)?;
+            println!("plotted {n} records of {} into {}", a.run.display(), out.display());
+            Ok(())
+        }
         Command::Bench(a) => {
             let r = crate::bench::run(&crate::bench::BenchArgs {
                 shape: &a.shape,

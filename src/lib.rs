@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod gpu_check;
 pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod quant;
 pub mod rng;
 pub mod train;
