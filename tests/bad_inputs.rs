@@ -168,3 +168,113 @@ fn a_fresh_run_never_mixes_into_an_existing_one() {
         "--overwrite starts a clean metrics file"
     );
 }
+
+#[test]
+fn a_gguf_tensor_of_a_type_proxqat_cannot_read_is_refused() {
+    use proxqat::export::gguf::{write_gguf, RawTensor, Value};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("iq2.gguf");
+    // One tensor of type 16 (IQ2_XXS), which candle's reader does not implement.
+    let tensor = RawTensor {
+        name: "blk.0.ffn_up.weight".into(),
+        dims: vec![256, 1],
+        ggml_type: 16,
+        data: vec![0; 66],
+    };
+    let meta = [("general.architecture", Value::Str("llama".into()))];
+    write_gguf(&mut std::fs::File::create(&path).unwrap(), &meta, &[tensor]).unwrap();
+    fails_with(
+        &["eval", "--ckpt", path.to_str().unwrap(), "--prompt", "a"],
+        tmp.path(),
+        &["iq2.gguf", "unknown dtype for tensor 16", "Q4_0"],
+    );
+}
+
+#[test]
+fn config_json_without_a_field_or_with_an_unsupported_rope_type_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model_dir(&model, 6);
+    let file = model.join("config.json");
+    let good: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let eval = ["eval", "--ckpt", model.to_str().unwrap(), "--prompt", "a"];
+
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&file, missing.to_string()).unwrap();
+    fails_with(&eval, tmp.path(), &["config.json", "hidden_size"]);
+
+    let mut yarn = good.clone();
+    yarn["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    std::fs::write(&file, yarn.to_string()).unwrap();
+    fails_with(&eval, tmp.path(), &["config.json", "rope_type", "yarn"]);
+
+    std::fs::write(&file, "{\"hidden_size\": 64,").unwrap();
+    fails_with(&eval, tmp.path(), &["config.json"]);
+}
+
+#[test]
+fn a_failed_checkpoint_write_leaves_the_last_checkpoint_intact() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model_dir(&model, 7);
+    let cfg = tiny_config(tmp.path(), &model, "[quant]\nmethod = \"prox\"\n");
+    let cfg = cfg.to_str().unwrap();
+    let first = run_bin(&["train", "--config", cfg, "--set", "train.max_steps=2"], tmp.path());
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let run = tmp.path().join("run");
+    assert_eq!(
+        std::fs::read_to_string(run.join("latest")).unwrap().trim(),
+        "step-000002"
+    );
+
+    // The disk "fills up": the kernel refuses to grow any file past 100 kB (RLIMIT_FSIZE; with SIGXFSZ
+    // ignored, write(2) fails with EFBIG, the same error path as ENOSPC).
+    let mut child = std::process::Command::new(common::bin());
+    child
+        .args(["train", "--config", cfg, "--resume", "--set", "train.max_steps=4"])
+        .current_dir(tmp.path());
+    unsafe {
+        child.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 100_000,
+                rlim_max: 100_000,
+            };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = child.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the write should have failed: {err}");
+    assert!(err.contains("File too large") && err.contains("step-000004"), "{err}");
+
+    // The previous checkpoint is still the latest, whole and loadable; no half-written directory is left.
+    assert_eq!(
+        std::fs::read_to_string(run.join("latest")).unwrap().trim(),
+        "step-000002"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') || n == "step-000004")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let ok = run_bin(
+        &[
+            "eval",
+            "--ckpt",
+            run.to_str().unwrap(),
+            "--prompt",
+            "a",
+            "--max-new-tokens",
+            "1",
+        ],
+        tmp.path(),
+    );
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}

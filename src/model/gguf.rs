@@ -90,7 +90,8 @@ pub fn import(path: &Path) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let content = Content::read(&mut file).with_context(|| {
         format!(
-            "{} is not a readable GGUF file (corrupt, or a tensor type candle does not know)",
+            "{} is not a readable GGUF file: corrupt, or a tensor type proxqat cannot read (it reads F32, F16, \
+BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K..Q8_K; re-quantize the model to one of them)",
             path.display()
         )
     })?;
