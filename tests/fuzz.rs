@@ -106,7 +106,7 @@ proptest! {
     fn config_overrides_never_panic(key in "[a-z_.]{0,24}", value in "\\PC{0,16}") {
         let text = std::fs::read_to_string(common::repo().join("configs/demo.toml")).unwrap();
         let _ = Config::parse(&text, &[format!("{key}={value}")]);
-        let _ = Config::parse(&text, &[key.clone()]);
+        let _ = Config::parse(&text, std::slice::from_ref(&key));
     }
 }
 
