@@ -24,6 +24,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Snap a checkpoint's selected weights onto its grid and write a new checkpoint.
     Harden(HardenArgs),
+    /// Round-to-nearest post-training quantization: scales from the current weights, all selected snapped.
+    Ptq(PtqArgs),
     /// Per-tensor grid statistics of a checkpoint (hit rate, saturation, |w − q|, scale).
     Stats(StatsArgs),
     /// Write a checkpoint as HF safetensors, a llama.cpp GGUF file or packed int codes + scales.
@@ -199,6 +201,18 @@ pub struct PlotArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Replace an existing image.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PtqArgs {
+    #[command(flatten)]
+    pub ckpt: CkptArgs,
+    /// Output checkpoint directory (never the input).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output directory.
     #[arg(long)]
     pub overwrite: bool,
 }

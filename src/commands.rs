@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
 
-use crate::cli::{CkptArgs, Cli, Command, EvalArgs, ExportArgs, GpuCheck, HardenArgs, StatsArgs};
+use crate::cli::{CkptArgs, Cli, Command, EvalArgs, ExportArgs, GpuCheck, HardenArgs, PtqArgs, StatsArgs};
 use crate::config::{Config, DeviceChoice, Precision};
 use crate::data::{self, Encoder};
 use crate::eval;
@@ -22,6 +22,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(a) => run_eval(a),
         Command::Harden(a) => run_harden(a),
+        Command::Ptq(a) => run_ptq(a),
         Command::Stats(a) => run_stats(a),
         Command::Export(a) => run_export(a),
         Command::Plot(a) => {
@@ -49,6 +50,8 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// A checkpoint opened for eval/stats/harden, with the config that applies to it.
 struct Opened {
+    /// The path given with --ckpt (a run directory, or the checkpoint itself).
+    given: std::path::PathBuf,
     ckpt: checkpoint::Checkpoint,
     config: Option<Config>,
     params: Params,
@@ -80,6 +83,7 @@ fn open(a: &CkptArgs) -> Result<Opened> {
     let params = Params::from_tensors(&ckpt.model.cfg, tensors, master)?;
     let model = Llama::new(ckpt.model.cfg.clone(), compute, &device);
     Ok(Opened {
+        given: a.ckpt.clone(),
         ckpt,
         config,
         params,
@@ -242,19 +246,55 @@ fn run_stats(a: StatsArgs) -> Result<()> {
 
 fn run_harden(a: HardenArgs) -> Result<()> {
     let o = open(&a.ckpt)?;
-    if o.ckpt.dir.canonicalize().ok() == a.out.canonicalize().ok() || a.out == a.ckpt.ckpt {
-        bail!(
-            "--out {} is the input checkpoint; harden writes a new checkpoint, never over its input",
-            a.out.display()
-        );
-    }
     let quantizer = o.require_quantizer()?;
     let atol = a.atol.unwrap_or(quantizer.cfg.atol);
     if atol < 0.0 {
         bail!("--atol {atol} must be ≥ 0");
     }
-    let view = if a.all { View::Hard } else { View::Selective(atol) };
-    let hardened = harden::harden(&o.params, &quantizer, view)?;
+    let (view, mode) = if a.all {
+        (View::Hard, "all")
+    } else {
+        (View::Selective(atol), "selective")
+    };
+    write_hardened(&o, &quantizer, view, mode, &a.out, a.overwrite, a.ckpt.json)
+}
+
+/// Round-to-nearest PTQ: scales computed from the checkpoint's current weights, every selected weight
+/// snapped. The baseline every QAT result is measured against.
+fn run_ptq(a: PtqArgs) -> Result<()> {
+    let o = open(&a.ckpt)?;
+    let cfg = o.quant_config().with_context(|| {
+        format!(
+            "{} carries no quant config: pass --config FILE with a [quant] section (the grid to round to)",
+            o.ckpt.dir.display()
+        )
+    })?;
+    let quantizer = Quantizer::new(cfg, &o.params)?;
+    write_hardened(&o, &quantizer, View::Hard, "rtn", &a.out, a.overwrite, a.ckpt.json)
+}
+
+/// Snap `o`'s selected weights per `view` and write the result as a new checkpoint at `out`.
+fn write_hardened(
+    o: &Opened,
+    quantizer: &Quantizer,
+    view: View,
+    mode: &str,
+    out: &std::path::Path,
+    overwrite: bool,
+    json: bool,
+) -> Result<()> {
+    let same = |p: &std::path::Path| {
+        p.canonicalize()
+            .ok()
+            .is_some_and(|p| Some(p) == out.canonicalize().ok())
+    };
+    if same(&o.ckpt.dir) || same(&o.given) {
+        bail!(
+            "--out {} is the input checkpoint; write the result to a new directory",
+            out.display()
+        );
+    }
+    let hardened = harden::harden(&o.params, quantizer, view)?;
     let model = LoadedModel {
         cfg: o.ckpt.model.cfg.clone(),
         tensors: o.params.to_tensors(),
@@ -267,19 +307,19 @@ fn run_harden(a: HardenArgs) -> Result<()> {
         dual: None,
         gamma: None,
         bad_steps: 0,
-        config: o.config.clone().context("harden needs a config")?,
+        config: o.config.clone().context("hardening needs a config")?,
     };
     let parts = checkpoint::SaveParts {
         state: &state,
         optimizer: BTreeMap::new(),
         quant: quantizer.scale_tensors(),
     };
-    checkpoint::write(&a.out, a.overwrite, &model, parts)?;
+    checkpoint::write(out, overwrite, &model, parts)?;
     let total: usize = hardened.moved.values().sum();
     let numel: usize = quantizer.grids.keys().map(|n| o.params.vars[n].elem_count()).sum();
-    if a.ckpt.json {
+    if json {
         print_json(&serde_json::json!({
-            "out": a.out, "mode": if a.all { "all" } else { "selective" }, "atol": atol,
+            "out": out, "mode": mode, "atol": match view { View::Selective(atol) => Some(atol), _ => None },
             "moved": total, "numel": numel,
             "tensors": hardened.moved.iter().map(|(n, m)| serde_json::json!({"name": n, "moved": m, "numel": o.params.vars[n].elem_count()})).collect::<Vec<_>>(),
         }));
@@ -288,10 +328,9 @@ fn run_harden(a: HardenArgs) -> Result<()> {
             println!("{n:<44} moved {m:>10} of {:>10}", o.params.vars[n].elem_count());
         }
         println!(
-            "hardened {} ({}): moved {total} of {numel} selected weights; wrote {}",
+            "hardened {} ({mode}): moved {total} of {numel} selected weights; wrote {}",
             o.ckpt.dir.display(),
-            if a.all { "all" } else { "selective" },
-            a.out.display()
+            out.display()
         );
     }
     Ok(())

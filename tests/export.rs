@@ -223,3 +223,52 @@ fn tensors_off_the_grid_are_stored_as_floats_and_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--overwrite"));
     assert_eq!(std::fs::read(&file).unwrap(), before);
 }
+
+#[test]
+fn ptq_rounds_every_selected_weight_to_nearest_with_scales_from_the_current_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model_dir(&model, 11);
+    let cfg = tiny_config(tmp.path(), &model, "[quant]\nmethod = \"fp\"\n");
+    ok(&["train", "--config", cfg.to_str().unwrap()], tmp.path());
+    let run = tmp.path().join("run");
+    let rtn = tmp.path().join("rtn");
+    let report: serde_json::Value = serde_json::from_str(&ok(
+        &[
+            "ptq",
+            "--ckpt",
+            run.to_str().unwrap(),
+            "--out",
+            rtn.to_str().unwrap(),
+            "--json",
+        ],
+        tmp.path(),
+    ))
+    .unwrap();
+    assert_eq!(report["mode"], "rtn");
+    assert!(report["moved"].as_u64().unwrap() > 0);
+
+    // Independent f64 recomputation of 4-bit group-32 absmax RTN (scales rounded to f16, ties to even).
+    let name = "model.layers.1.mlp.gate_proj.weight";
+    let fp = load_model(&proxqat::train::checkpoint::resolve(&run).unwrap()).unwrap();
+    let got = load_model(&rtn).unwrap();
+    let w = fp.tensors[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let q = got.tensors[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (wg, qg) in w.chunks(32).zip(q.chunks(32)) {
+        let absmax = wg.iter().fold(0f64, |a, &x| a.max((x as f64).abs()));
+        let s = half::f16::from_f64(absmax / 7.0).to_f64();
+        for (&x, &y) in wg.iter().zip(qg) {
+            let r = (x as f64 / s).round_ties_even().clamp(-7.0, 7.0);
+            assert!((r * s - y as f64).abs() <= 1e-7 * s, "{x} → {y}, expected {}", r * s);
+        }
+    }
+    // Unselected tensors are untouched.
+    let embed = "model.embed_tokens.weight";
+    assert!(bits(&fp.tensors[embed]) == bits(&got.tensors[embed]));
+    // --out equal to the input (the run directory) is refused.
+    let out = run_bin(
+        &["ptq", "--ckpt", run.to_str().unwrap(), "--out", run.to_str().unwrap()],
+        tmp.path(),
+    );
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is the input"));
+}
