@@ -9,7 +9,22 @@ use std::path::PathBuf;
     version,
     about = "Quantization-aware training (Prox-QAT) of Llama-family models on candle",
     long_about = "Fine-tune a Llama-family model while pulling selected weights onto a low-bit grid (Prox-QAT), \
-then harden, inspect and evaluate the result. Checkpoints are HF directories plus training state."
+then harden, inspect, evaluate and export the result. Checkpoints are HF directories plus training state.",
+    after_long_help = "WORKFLOW:
+  proxqat train  --config configs/alpaca.toml          fine-tune with Prox-QAT (runs/alpaca/step-N, latest)
+  proxqat stats  --ckpt runs/alpaca                    how close the weights are to the grid
+  proxqat harden --ckpt runs/alpaca --all --out runs/alpaca-hard
+  proxqat eval   --ckpt runs/alpaca-hard --text wiki.txt
+  proxqat export --ckpt runs/alpaca-hard --format gguf --out model-q4.gguf
+  proxqat plot   --run runs/alpaca
+
+CHECKPOINTS (--ckpt): a checkpoint directory, a run directory (its `latest` is followed), a plain HF
+directory, a packed export, or a .gguf file. The last three carry no quant config: give --config.
+
+EXIT STATUS: 0 on success; 1 on any error, with a message naming the file, field or tensor and the fix.
+Nothing is left half-written: every output goes to a temporary name and is renamed into place.
+
+ENVIRONMENT: RUST_LOG (tracing filter, default info), NO_COLOR."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -19,6 +34,16 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train (fine-tune, optionally with Prox-QAT) from a TOML config.
+    #[command(after_long_help = "WRITES (in train.out_dir):
+  step-NNNNNN/     checkpoint every train.save_every steps and at the end (HF files + optimizer,
+                   quant state, trainer_state.json); `latest` names the newest complete one
+  metrics.jsonl    one JSON object per logged step (kind=train: step, loss, lr, grad_norm, lambda, gamma,
+                   hit_rate, sat_rate, sens_mean, sens_max, tokens, tokens_per_s, skipped) and per
+                   evaluation (kind=eval: step, val_loss_fp, val_loss_q, val_loss_fsq)
+
+A non-finite loss or gradient norm skips the step; train.max_bad_steps in a row stop the run with the
+last good checkpoint intact. --resume continues bit-exactly (weights, Adam moments, schedule, data
+cursor, λ, γ, sensitivities, grid scales).")]
     Train(TrainArgs),
     /// Evaluate a checkpoint: val loss (fp / q / fsq), text perplexity, greedy samples.
     Eval(EvalArgs),
@@ -29,6 +54,12 @@ pub enum Command {
     /// Per-tensor grid statistics of a checkpoint (hit rate, saturation, |w − q|, scale).
     Stats(StatsArgs),
     /// Write a checkpoint as HF safetensors, a llama.cpp GGUF file or packed int codes + scales.
+    #[command(after_long_help = "Selected tensors that lie exactly on their grid (run `harden --all` first) are stored
+as codes: in GGUF as Q4_0 (codes in -8..7, so 2-, 3- and 4-bit grids) or Q8_0 (up to 8 bits) when every
+block of 32 along a row has one f16 scale (per-group sizes that are multiples of 32, per-channel,
+per-tensor); in packed as bit-packed codes + scales for any grid. They read back bit for bit. Every other
+tensor is stored as --dtype; the report names each tensor's storage, whether it is exact, and why a
+selected tensor could not be stored on its grid.")]
     Export(ExportArgs),
     /// Draw a run's metrics.jsonl (losses, λ, γ, hit/saturation rates, lr) as a PNG or SVG.
     Plot(PlotArgs),
@@ -41,26 +72,26 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct BenchCliArgs {
-    /// Model shape: llama-3.2-1b or tiny [default: llama-3.2-1b].
+    /// Model shape: llama-3.2-1b or tiny.
     #[arg(long, default_value = "llama-3.2-1b")]
     pub shape: String,
     /// HF tokenizer.json used to build the synthetic rows.
     #[arg(long, default_value = "assets/llama3.2-tokenizer.json")]
     pub tokenizer: PathBuf,
-    /// Rows per micro-batch [default: 4].
-    #[arg(long, default_value_t = 4)]
+    /// Rows per micro-batch.
+    #[arg(long, value_name = "ROWS", default_value_t = 4)]
     pub micro_batch: usize,
-    /// Tokens per row [default: 256].
-    #[arg(long, default_value_t = 256)]
+    /// Tokens per row.
+    #[arg(long, value_name = "TOKENS", default_value_t = 256)]
     pub seq: usize,
-    /// Rows per optimizer step [default: 128].
-    #[arg(long, default_value_t = 128)]
+    /// Rows per optimizer step.
+    #[arg(long, value_name = "ROWS", default_value_t = 128)]
     pub global_batch: usize,
-    /// fp or prox [default: fp].
+    /// fp or prox.
     #[arg(long, default_value = "fp")]
     pub method: String,
-    /// Measured optimizer steps after one warm-up step [default: 2].
-    #[arg(long, default_value_t = 2)]
+    /// Measured optimizer steps after one warm-up step.
+    #[arg(long, value_name = "STEPS", default_value_t = 2)]
     pub steps: usize,
 }
 
@@ -93,8 +124,8 @@ pub enum GpuCheck {
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Run configuration (TOML; see configs/).
-    #[arg(long)]
+    /// Run configuration (TOML; see configs/ and the README's key table).
+    #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
     /// Override a config value, e.g. --set train.lr=1e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -109,17 +140,17 @@ pub struct TrainArgs {
 
 #[derive(Args, Debug)]
 pub struct CkptArgs {
-    /// Checkpoint directory, run directory (follows `latest`), HF directory or .gguf file.
-    #[arg(long)]
+    /// Checkpoint directory, run directory (follows `latest`), HF or packed directory, or .gguf file.
+    #[arg(long, value_name = "PATH")]
     pub ckpt: PathBuf,
-    /// Config whose [quant] (and [data]) sections apply when the checkpoint carries none.
-    #[arg(long)]
+    /// TOML whose [quant] (and [data]) sections apply instead of the checkpoint's own.
+    #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     pub json: bool,
-    /// cpu, cuda or auto [default: auto].
-    #[arg(long, default_value = "auto")]
+    /// Where to run: auto picks CUDA when the binary has it and a GPU is present.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     pub device: String,
 }
 
@@ -128,22 +159,22 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub ckpt: CkptArgs,
     /// Alpaca JSON to evaluate on (all its records); default: the run's validation split.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub data: Option<PathBuf>,
-    /// Raw UTF-8 text for GPTQ-protocol perplexity.
-    #[arg(long)]
+    /// Raw UTF-8 text for perplexity under the GPTQ protocol (no BOS, non-overlapping windows).
+    #[arg(long, value_name = "FILE")]
     pub text: Option<PathBuf>,
-    /// Window length in tokens for --text [default: 2048].
-    #[arg(long, default_value_t = 2048)]
+    /// Window length for --text, in tokens.
+    #[arg(long, value_name = "TOKENS", default_value_t = 2048)]
     pub seq_len: usize,
     /// Prompt for a greedy sample (repeatable).
-    #[arg(long)]
+    #[arg(long, value_name = "TEXT")]
     pub prompt: Vec<String>,
-    /// Tokens to generate per prompt [default: 50].
-    #[arg(long, default_value_t = 50)]
+    /// Tokens to generate per prompt (greedy; stops early at EOS).
+    #[arg(long, value_name = "TOKENS", default_value_t = 50)]
     pub max_new_tokens: usize,
-    /// Validation batch size (rows) [default: 4].
-    #[arg(long, default_value_t = 4)]
+    /// Validation batch size, in rows (records).
+    #[arg(long, value_name = "ROWS", default_value_t = 4)]
     pub batch: usize,
 }
 
@@ -151,14 +182,14 @@ pub struct EvalArgs {
 pub struct HardenArgs {
     #[command(flatten)]
     pub ckpt: CkptArgs,
-    /// Snap entries with |w − q| ≤ atol (default: the quant config's atol).
-    #[arg(long)]
+    /// Snap entries with |w − q| ≤ ATOL, an absolute weight distance; default: the quant config's atol.
+    #[arg(long, value_name = "ATOL")]
     pub atol: Option<f64>,
     /// Snap every selected entry, whatever its distance.
     #[arg(long)]
     pub all: bool,
     /// Output checkpoint directory (never the input).
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
     /// Replace an existing output directory.
     #[arg(long)]
@@ -169,8 +200,8 @@ pub struct HardenArgs {
 pub struct StatsArgs {
     #[command(flatten)]
     pub ckpt: CkptArgs,
-    /// Hit tolerance (default: the quant config's atol).
-    #[arg(long)]
+    /// Hit tolerance, an absolute weight distance; default: the quant config's atol.
+    #[arg(long, value_name = "ATOL")]
     pub atol: Option<f64>,
 }
 
@@ -182,9 +213,9 @@ pub struct ExportArgs {
     #[arg(long, value_enum)]
     pub format: crate::export::Format,
     /// Output directory (hf, packed) or file (gguf).
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
-    /// Float type of the tensors not stored on a grid; f32 is exact [default: f32].
+    /// Float type of the tensors not stored on a grid; f32 is exact.
     #[arg(long = "dtype", value_enum, default_value = "f32")]
     pub float: crate::export::FloatType,
     /// Replace an existing output.
@@ -195,10 +226,10 @@ pub struct ExportArgs {
 #[derive(Args, Debug)]
 pub struct PlotArgs {
     /// Run directory (the config's out_dir, holding metrics.jsonl).
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     pub run: PathBuf,
-    /// Image to write, .png or .svg [default: RUN/metrics.png].
-    #[arg(long)]
+    /// Image to write, .png or .svg; default: RUN/metrics.png.
+    #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Replace an existing image.
     #[arg(long)]
@@ -210,7 +241,7 @@ pub struct PtqArgs {
     #[command(flatten)]
     pub ckpt: CkptArgs,
     /// Output checkpoint directory (never the input).
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
     /// Replace an existing output directory.
     #[arg(long)]

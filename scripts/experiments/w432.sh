@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Issue 8's comparison on the real SmolLM2-135M-Instruct fine-tuned on the Alpaca demo data, in one
+# device command: for W4 / W3 / W2 on per-group-32 and per-channel grids, the fp fine-tune, RTN-PTQ of
+# it, STE QAT and Prox-QAT with pull = "loss" and pull = "prox" — same steps, data and seed. Every QAT
+# run is hardened (harden --all) and evaluated on the fixed validation split and on held-out raw text.
+#
+# usage: scripts/experiments/w432.sh BIN SMOLLM2.gguf ALPACA.json OUT
+# env:   STEPS (100) MB (8) GB (16) JOBS (6, runs at once on one GPU) GRIDS METHODS DEVICE (auto)
+set -euo pipefail
+bin=$(realpath "$1"); gguf=$(realpath "$2"); data=$(realpath "$3"); out=$4
+steps=${STEPS:-100}; mb=${MB:-8}; gb=${GB:-16}; jobs=${JOBS:-6}; device=${DEVICE:-auto}
+grids=${GRIDS:-"w4g32 w4ch w3g32 w3ch w2g32 w2ch"}
+methods=${METHODS:-"ste prox-loss prox-prox"}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out/cfg" "$out/runs" "$out/rows"
+out=$(realpath "$out")
+
+# The last 100 records are held out of training and validation: their text is the perplexity corpus.
+python3 - "$data" "$out" <<'PY'
+import json, sys
+records = json.load(open(sys.argv[1]))
+json.dump(records[:-100], open(f"{sys.argv[2]}/train.json", "w"))
+with open(f"{sys.argv[2]}/heldout.txt", "w") as f:
+    f.write("\n\n".join("\n".join(x for x in (r["instruction"], r.get("input", ""), r["output"]) if x) for r in records[-100:]))
+PY
+
+grid_toml() { # w4g32 → bits 4, per group of 32; w3ch → bits 3, per channel
+  local bits=${1:1:1} kind=${1:2}
+  if [ "$kind" = ch ]; then printf 'bits = %s\nscale = "channel"\n' "$bits"
+  else printf 'bits = %s\nscale = "group"\ngroup_size = 32\n' "$bits"; fi
+}
+method_toml() {
+  case $1 in
+    fp) echo 'method = "fp"' ;;
+    ste) echo 'method = "ste"' ;;
+    prox-loss) printf 'method = "prox"\npull = "loss"\ndist_scale = %s\n' "${C_LOSS:-10.0}" ;;
+    prox-prox) printf 'method = "prox"\npull = "prox"\ndist_scale = %s\n' "${C_PROX:-2000.0}" ;;
+  esac
+}
+write_cfg() { # NAME GRID METHOD
+  cat > "$out/cfg/$1.toml" <<TOML
+[model]
+path = "$gguf"
+[data]
+path = "$out/train.json"
+val_records = 100
+max_seq_length = 256
+[train]
+out_dir = "$out/runs/$1"
+micro_batch = $mb
+global_batch = $gb
+max_steps = $steps
+lr = 5e-5
+min_lr = 5e-6
+warmup_steps = 5
+log_every = 5
+seed = 1337
+device = "$device"
+[eval]
+every = 0
+initial = false
+final = true
+max_batches = 100
+[quant]
+$(method_toml "$3")
+stats_every = 5
+[quant.grid]
+$(grid_toml "$2")
+TOML
+}
+
+# One QAT (or fp) run: train, harden --all, evaluate the hardened model; one JSON row.
+run_one() {
+  local name=$1 grid=${1%%-*} method=${1#*-}
+  local t0=$(date +%s.%N)
+  $bin train --config "$out/cfg/$name.toml" --overwrite > "$out/runs/$name.log" 2>&1
+  local t1=$(date +%s.%N)
+  $bin harden --ckpt "$out/runs/$name" --all --out "$out/runs/$name-hard" --overwrite --json > "$out/runs/$name-harden.json"
+  $bin eval --ckpt "$out/runs/$name-hard" --json > "$out/runs/$name-val.json"
+  $bin eval --ckpt "$out/runs/$name-hard" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/$name-text.json"
+  python3 "$here/row.py" "$name" "$grid" "$method" "$out/runs/$name" "$(python3 -c "print($t1 - $t0)")" > "$out/rows/$name.json"
+}
+export -f run_one; export bin out here
+
+names=()
+for g in $grids; do
+  write_cfg "$g-fp" "$g" fp   # the fp run's grid only sets what its hit rate is measured against
+  for m in $methods; do write_cfg "$g-$m" "$g" "$m"; names+=("$g-$m"); done
+done
+first=${grids%% *}
+# The fp fine-tune is one run; its RTN rows use each grid.
+(echo "$first-fp"; printf '%s\n' "${names[@]}") | xargs -P "$jobs" -I{} bash -c 'run_one {}'
+for g in $grids; do
+  $bin ptq --ckpt "$out/runs/$first-fp" --config "$out/cfg/$g-fp.toml" --out "$out/runs/$g-rtn-hard" --overwrite --json > "$out/runs/$g-rtn-harden.json"
+  $bin eval --ckpt "$out/runs/$g-rtn-hard" --json > "$out/runs/$g-rtn-val.json"
+  $bin eval --ckpt "$out/runs/$g-rtn-hard" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/$g-rtn-text.json"
+  python3 "$here/row.py" "$g-rtn" "$g" rtn "$out/runs/$first-fp" 0 > "$out/rows/$g-rtn.json"
+done
+$bin eval --ckpt "$out/runs/$first-fp" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/$first-fp-text.json"
+python3 "$here/summarize.py" "$out" "$first-fp" | tee "$out/table.md"
