@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """The w432.sh table: per grid, fp / RTN / STE / Prox-QAT rows and the fraction of the RTN gap each
 recovers, (val_RTN − val_method) / (val_RTN − val_fp), on hardened validation loss.
-usage: summarize.py OUT FP_RUN_NAME   (writes OUT/results.json, prints markdown)"""
+usage: summarize.py OUT   (the fp run is the row named "fp"; writes OUT/results.json, prints markdown)"""
 import json
 import os
 import sys
 
-out, fp_name = sys.argv[1], sys.argv[2]
+out, fp_name = sys.argv[1], "fp"
 rows = [json.load(open(f"{out}/rows/{f}")) for f in sorted(os.listdir(f"{out}/rows"))]
 fp = next(r for r in rows if r["name"] == fp_name)
-fp_text = json.load(open(f"{out}/runs/{fp_name}-text.json"))["text_ppl"]
+fp_text = json.load(open(f"{out}/runs/fp-text-fp.json"))["text_ppl"]
 order = {"rtn": 0, "ste": 1, "prox-loss": 2, "prox-prox": 3}
 grids = list(dict.fromkeys(r["grid"] for r in rows))
 fmt = lambda x, f: "—" if x is None else f.format(x)

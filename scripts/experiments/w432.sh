@@ -5,10 +5,13 @@
 # run is hardened (harden --all) and evaluated on the fixed validation split and on held-out raw text.
 #
 # usage: scripts/experiments/w432.sh BIN SMOLLM2.gguf ALPACA.json OUT
-# env:   STEPS (100) MB (8) GB (16) JOBS (6, runs at once on one GPU) GRIDS METHODS DEVICE (auto)
+# env:   STEPS (100) MB (8) GB (16) VAL (100 records) JOBS (6 runs at once on one GPU) GRIDS METHODS
+#        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
+# Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table.
 set -euo pipefail
 bin=$(realpath "$1"); gguf=$(realpath "$2"); data=$(realpath "$3"); out=$4
-steps=${STEPS:-100}; mb=${MB:-8}; gb=${GB:-16}; jobs=${JOBS:-6}; device=${DEVICE:-auto}
+steps=${STEPS:-100}; mb=${MB:-8}; gb=${GB:-16}; val=${VAL:-100}; jobs=${JOBS:-6}; device=${DEVICE:-auto}
+fp_grid=${FP_GRID:-w4g32}
 grids=${GRIDS:-"w4g32 w4ch w3g32 w3ch w2g32 w2ch"}
 methods=${METHODS:-"ste prox-loss prox-prox"}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -43,7 +46,7 @@ write_cfg() { # NAME GRID METHOD
 path = "$gguf"
 [data]
 path = "$out/train.json"
-val_records = 100
+val_records = $val
 max_seq_length = 256
 [train]
 out_dir = "$out/runs/$1"
@@ -72,6 +75,7 @@ TOML
 # One QAT (or fp) run: train, harden --all, evaluate the hardened model; one JSON row.
 run_one() {
   local name=$1 grid=${1%%-*} method=${1#*-}
+  [ -s "$out/rows/$name.json" ] && return 0
   local t0=$(date +%s.%N)
   $bin train --config "$out/cfg/$name.toml" --overwrite > "$out/runs/$name.log" 2>&1
   local t1=$(date +%s.%N)
@@ -83,18 +87,26 @@ run_one() {
 export -f run_one; export bin out here
 
 names=()
+write_cfg fp "$fp_grid" fp
 for g in $grids; do
-  write_cfg "$g-fp" "$g" fp   # the fp run's grid only sets what its hit rate is measured against
+  write_cfg "$g-rtn" "$g" fp   # the grid `ptq` rounds the fp run to
   for m in $methods; do write_cfg "$g-$m" "$g" "$m"; names+=("$g-$m"); done
 done
-first=${grids%% *}
-# The fp fine-tune is one run; its RTN rows use each grid.
-(echo "$first-fp"; printf '%s\n' "${names[@]}") | xargs -P "$jobs" -I{} bash -c 'run_one {}'
+(echo fp; printf '%s\n' "${names[@]}") | xargs -P "$jobs" -I{} bash -c 'run_one {}'
 for g in $grids; do
-  $bin ptq --ckpt "$out/runs/$first-fp" --config "$out/cfg/$g-fp.toml" --out "$out/runs/$g-rtn-hard" --overwrite --json > "$out/runs/$g-rtn-harden.json"
+  [ -s "$out/rows/$g-rtn.json" ] && continue
+  $bin ptq --ckpt "$out/runs/fp" --config "$out/cfg/$g-rtn.toml" --out "$out/runs/$g-rtn-hard" --overwrite --json > "$out/runs/$g-rtn-harden.json"
   $bin eval --ckpt "$out/runs/$g-rtn-hard" --json > "$out/runs/$g-rtn-val.json"
   $bin eval --ckpt "$out/runs/$g-rtn-hard" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/$g-rtn-text.json"
-  python3 "$here/row.py" "$g-rtn" "$g" rtn "$out/runs/$first-fp" 0 > "$out/rows/$g-rtn.json"
+  python3 "$here/row.py" "$g-rtn" "$g" rtn "$out/runs/fp" 0 > "$out/rows/$g-rtn.json"
 done
-$bin eval --ckpt "$out/runs/$first-fp" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/$first-fp-text.json"
-python3 "$here/summarize.py" "$out" "$first-fp" | tee "$out/table.md"
+[ -s "$out/runs/fp-text-fp.json" ] || $bin eval --ckpt "$out/runs/fp" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/fp-text-fp.json"
+python3 "$here/summarize.py" "$out" | tee "$out/table.md"
+
+# The HF export of a hardened Prox-QAT model, loaded by transformers: loss, logits and gradients agree.
+if [ "${EXPORT_CHECK:-0}" = 1 ]; then
+  hard=$out/runs/${grids%% *}-prox-prox-hard
+  $bin export --ckpt "$hard" --format hf --out "$out/export-hf" --overwrite --json > "$out/export-hf.json"
+  $bin gpu-check dump-grads --ckpt "$out/export-hf" --dtype f32 --out "$out/export-hf-dump.safetensors"
+  python3 "$(dirname "$here")/torch_parity.py" "$out/export-hf" "$out/export-hf-dump.safetensors" f32 | tee "$out/export-hf-parity.txt"
+fi
