@@ -77,7 +77,10 @@ run_one() {
   local name=$1 grid=${1%%-*} method=${1#*-}
   [ -s "$out/rows/$name.json" ] && return 0
   local t0=$(date +%s.%N)
-  $bin train --config "$out/cfg/$name.toml" --overwrite > "$out/runs/$name.log" 2>&1
+  if ! $bin train --config "$out/cfg/$name.toml" --overwrite > "$out/runs/$name.log" 2>&1; then
+    echo "$name: training failed; the end of $out/runs/$name.log:"; grep -v '^ *[0-9]*: \|^$\|at ' "$out/runs/$name.log" | tail -4
+    return 0
+  fi
   local t1=$(date +%s.%N)
   $bin harden --ckpt "$out/runs/$name" --all --out "$out/runs/$name-hard" --overwrite --json > "$out/runs/$name-harden.json"
   $bin eval --ckpt "$out/runs/$name-hard" --json > "$out/runs/$name-val.json"
