@@ -10,7 +10,7 @@ out, fp_name = sys.argv[1], "fp"
 rows = [json.load(open(f"{out}/rows/{f}")) for f in sorted(os.listdir(f"{out}/rows"))]
 fp = next(r for r in rows if r["name"] == fp_name)
 fp_text = json.load(open(f"{out}/runs/fp-text-fp.json"))["text_ppl"]
-order = {"rtn": 0, "ste": 1, "prox-loss": 2, "prox-prox": 3}
+order = {"rtn": 0, "ste": 1, "prox-loss": 2, "prox-prox": 3, "prox-prox-q": 4}
 grids = list(dict.fromkeys(r["grid"] for r in rows))
 fmt = lambda x, f: "—" if x is None else f.format(x)
 lines = [

@@ -5,15 +5,15 @@
 # run is hardened (harden --all) and evaluated on the fixed validation split and on held-out raw text.
 #
 # usage: scripts/experiments/w432.sh BIN SMOLLM2.gguf ALPACA.json OUT
-# env:   STEPS (100) MB (8) GB (16) VAL (100 records) JOBS (6 runs at once on one GPU) GRIDS METHODS
+# env:   STEPS (50) MB (4) GB (16) VAL (100 records) JOBS (6 runs at once on one GPU) GRIDS METHODS
 #        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
 # Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table.
 set -euo pipefail
 bin=$(realpath "$1"); gguf=$(realpath "$2"); data=$(realpath "$3"); out=$4
-steps=${STEPS:-100}; mb=${MB:-8}; gb=${GB:-16}; val=${VAL:-100}; jobs=${JOBS:-6}; device=${DEVICE:-auto}
+steps=${STEPS:-50}; mb=${MB:-4}; gb=${GB:-16}; val=${VAL:-100}; jobs=${JOBS:-6}; device=${DEVICE:-auto}
 fp_grid=${FP_GRID:-w4g32}
 grids=${GRIDS:-"w4g32 w4ch w3g32 w3ch w2g32 w2ch"}
-methods=${METHODS:-"ste prox-loss prox-prox"}
+methods=${METHODS:-"ste prox-loss prox-prox prox-prox-q"}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out/cfg" "$out/runs" "$out/rows"
 out=$(realpath "$out")
@@ -38,6 +38,8 @@ method_toml() {
     ste) echo 'method = "ste"' ;;
     prox-loss) printf 'method = "prox"\npull = "loss"\ndist_scale = %s\n' "${C_LOSS:-10.0}" ;;
     prox-prox) printf 'method = "prox"\npull = "prox"\ndist_scale = %s\n' "${C_PROX:-2000.0}" ;;
+    # Prox-QAT with the task gradient taken at q(x), as STE takes it, and the prox pull on x.
+    prox-prox-q) printf 'method = "prox"\npull = "prox"\ngrad_at = "q"\ndist_scale = %s\n' "${C_PROX:-2000.0}" ;;
   esac
 }
 write_cfg() { # NAME GRID METHOD
@@ -69,6 +71,9 @@ $(method_toml "$3")
 stats_every = 5
 [quant.grid]
 $(grid_toml "$2")
+[quant.dual]
+# The loss budget: near the fine-tune's loss, so λ stays near 1 (the seed's 2.9 is nanoGPT's).
+beta = ${BETA:-1.5}
 TOML
 }
 
