@@ -21,7 +21,8 @@ lines = [
 ]
 for g in grids:
     rtn = next((r for r in rows if r["grid"] == g and r["method"] == "rtn"), None)
-    for r in sorted((r for r in rows if r["grid"] == g and r["method"] in order), key=lambda r: order[r["method"]]):
+    rows_g = [r for r in rows if r["grid"] == g and r["method"].split("@")[0] in order]
+    for r in sorted(rows_g, key=lambda r: (order[r["method"].split("@")[0]], r["method"])):
         gap = None
         if rtn and r["method"] != "rtn" and rtn["val_hard"] > fp["val_fp"]:
             gap = (rtn["val_hard"] - r["val_hard"]) / (rtn["val_hard"] - fp["val_fp"])

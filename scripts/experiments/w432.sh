@@ -32,14 +32,17 @@ grid_toml() { # w4g32 → bits 4, per group of 32; w3ch → bits 3, per channel
   if [ "$kind" = ch ]; then printf 'bits = %s\nscale = "channel"\n' "$bits"
   else printf 'bits = %s\nscale = "group"\ngroup_size = 32\n' "$bits"; fi
 }
-method_toml() {
-  case $1 in
+method_toml() { # METHOD[@C]: the pull coefficient c after @ overrides C_LOSS / C_PROX
+  local c=""
+  [[ $1 == *@* ]] && c=${1#*@}
+  case ${1%@*} in
     fp) echo 'method = "fp"' ;;
     ste) echo 'method = "ste"' ;;
-    prox-loss) printf 'method = "prox"\npull = "loss"\ndist_scale = %s\n' "${C_LOSS:-10.0}" ;;
-    prox-prox) printf 'method = "prox"\npull = "prox"\ndist_scale = %s\n' "${C_PROX:-2000.0}" ;;
+    prox-loss) printf 'method = "prox"\npull = "loss"\ndist_scale = %s\n' "${c:-${C_LOSS:-10.0}}" ;;
+    prox-prox) printf 'method = "prox"\npull = "prox"\ndist_scale = %s\n' "${c:-${C_PROX:-2000.0}}" ;;
     # Prox-QAT with the task gradient taken at q(x), as STE takes it, and the prox pull on x.
-    prox-prox-q) printf 'method = "prox"\npull = "prox"\ngrad_at = "q"\ndist_scale = %s\n' "${C_PROX:-2000.0}" ;;
+    prox-prox-q) printf 'method = "prox"\npull = "prox"\ngrad_at = "q"\ndist_scale = %s\n' "${c:-${C_PROX:-2000.0}}" ;;
+    *) echo "unknown method $1" >&2; exit 1 ;;
   esac
 }
 write_cfg() { # NAME GRID METHOD
