@@ -163,8 +163,9 @@ pub fn selected_codes(
                 .tensors
                 .get(name)
                 .ok_or_else(|| anyhow::anyhow!("no tensor `{name}`"))?;
-            let grid = grid_on_cpu(grid)?;
-            out.insert(name.clone(), grid_codes(&grid, w)?);
+            // Export is host work: weights and scales on the CPU, wherever training ran.
+            let w = w.to_device(&candle_core::Device::Cpu)?;
+            out.insert(name.clone(), grid_codes(&grid_on_cpu(grid)?, &w)?);
         }
     }
     Ok(out)
