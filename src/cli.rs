@@ -54,12 +54,14 @@ cursor, λ, γ, sensitivities, grid scales).")]
     /// Per-tensor grid statistics of a checkpoint (hit rate, saturation, |w − q|, scale).
     Stats(StatsArgs),
     /// Write a checkpoint as HF safetensors, a llama.cpp GGUF file or packed int codes + scales.
-    #[command(after_long_help = "Selected tensors that lie exactly on their grid (run `harden --all` first) are stored
+    #[command(
+        after_long_help = "Selected tensors that lie exactly on their grid (run `harden --all` first) are stored
 as codes: in GGUF as Q4_0 (codes in -8..7, so 2-, 3- and 4-bit grids) or Q8_0 (up to 8 bits) when every
 block of 32 along a row has one f16 scale (per-group sizes that are multiples of 32, per-channel,
 per-tensor); in packed as bit-packed codes + scales for any grid. They read back bit for bit. Every other
 tensor is stored as --dtype; the report names each tensor's storage, whether it is exact, and why a
-selected tensor could not be stored on its grid.")]
+selected tensor could not be stored on its grid."
+    )]
     Export(ExportArgs),
     /// Draw a run's metrics.jsonl (losses, λ, γ, hit/saturation rates, lr) as a PNG or SVG.
     Plot(PlotArgs),

@@ -278,3 +278,37 @@ fn a_failed_checkpoint_write_leaves_the_last_checkpoint_intact() {
     );
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 }
+
+#[test]
+fn bad_data_files_are_refused_through_the_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model_dir(&model, 8);
+    let data = common::assets().join("alpaca_en_demo.json");
+    let cases: [(&str, &[&str]); 5] = [
+        (
+            "[{\"instruction\": \"a\", \"output\": ",
+            &["bad.json", "malformed JSON at line 1"],
+        ),
+        (
+            "[{\"instruction\": \"a\"}]",
+            &["bad.json", "record 0 has no `output` field"],
+        ),
+        (
+            "[{\"instruction\": \"a\", \"output\": 3}]",
+            &["bad.json", "field `output` must be a string"],
+        ),
+        ("[]", &["bad.json", "no records"]),
+        ("[{\"instruction\": \"a\", \"output\": \"b\"}]", &["split is empty"]),
+    ];
+    for (text, needles) in cases {
+        std::fs::write(tmp.path().join("bad.json"), text).unwrap();
+        let cfg = tiny_config(tmp.path(), &model, "");
+        let toml = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(data.to_str().unwrap(), tmp.path().join("bad.json").to_str().unwrap());
+        std::fs::write(&cfg, toml).unwrap();
+        fails_with(&["train", "--config", cfg.to_str().unwrap()], tmp.path(), needles);
+        assert!(!tmp.path().join("run").exists(), "{text}: nothing may be written");
+    }
+}
