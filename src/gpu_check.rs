@@ -137,18 +137,7 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         ),
     ] {
         let g = TensorGrid::new(&grid, &w)?;
-        let gc = match &g {
-            TensorGrid::Uniform {
-                view,
-                scale,
-                half_levels,
-            } => TensorGrid::Uniform {
-                view: view.clone(),
-                scale: scale.to_device(cuda)?,
-                half_levels: *half_levels,
-            },
-            other => other.clone(),
-        };
+        let gc = g.to_device(cuda)?;
         let err = rel_err(&gc.quantize(&w.to_device(cuda)?)?, &g.quantize(&w)?)?;
         rows.push(Row {
             name: label.into(),

@@ -165,25 +165,10 @@ pub fn selected_codes(
                 .ok_or_else(|| anyhow::anyhow!("no tensor `{name}`"))?;
             // Export is host work: weights and scales on the CPU, wherever training ran.
             let w = w.to_device(&candle_core::Device::Cpu)?;
-            out.insert(name.clone(), grid_codes(&grid_on_cpu(grid)?, &w)?);
+            out.insert(name.clone(), grid_codes(&grid.to_device(&candle_core::Device::Cpu)?, &w)?);
         }
     }
     Ok(out)
-}
-
-fn grid_on_cpu(grid: &TensorGrid) -> Result<TensorGrid> {
-    Ok(match grid {
-        TensorGrid::Uniform {
-            view,
-            scale,
-            half_levels,
-        } => TensorGrid::Uniform {
-            view: view.clone(),
-            scale: scale.to_device(&candle_core::Device::Cpu)?,
-            half_levels: *half_levels,
-        },
-        levels => levels.clone(),
-    })
 }
 
 pub struct Options<'a> {

@@ -261,6 +261,22 @@ impl TensorGrid {
         }
     }
 
+    /// The same grid with its scale on `device`.
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<TensorGrid> {
+        Ok(match self {
+            TensorGrid::Uniform {
+                view,
+                scale,
+                half_levels,
+            } => TensorGrid::Uniform {
+                view: view.clone(),
+                scale: scale.to_device(device)?,
+                half_levels: *half_levels,
+            },
+            levels => levels.clone(),
+        })
+    }
+
     /// Rebuild a uniform grid from a stored scale (checkpoint resume).
     pub fn with_scale(cfg: &GridConfig, w_dims: &[usize], scale: Tensor) -> Result<TensorGrid> {
         let numel: usize = w_dims.iter().product();
