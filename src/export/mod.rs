@@ -165,7 +165,10 @@ pub fn selected_codes(
                 .ok_or_else(|| anyhow::anyhow!("no tensor `{name}`"))?;
             // Export is host work: weights and scales on the CPU, wherever training ran.
             let w = w.to_device(&candle_core::Device::Cpu)?;
-            out.insert(name.clone(), grid_codes(&grid.to_device(&candle_core::Device::Cpu)?, &w)?);
+            out.insert(
+                name.clone(),
+                grid_codes(&grid.to_device(&candle_core::Device::Cpu)?, &w)?,
+            );
         }
     }
     Ok(out)
