@@ -15,6 +15,7 @@ use std::path::Path;
 
 use super::{Codes, FloatType, Stored};
 use crate::model::config::LlamaConfig;
+use crate::model::gguf::translate_name;
 use crate::model::io::LoadedModel;
 
 /// GGML tensor types written here (ids from ggml.h).
@@ -125,36 +126,6 @@ pub fn write_gguf(w: &mut impl Write, metadata: &[(&str, Value)], tensors: &[Raw
     Ok(())
 }
 
-/// llama.cpp's name for an HF tensor name.
-fn gguf_name(hf: &str) -> Result<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Ok(f.into());
-    }
-    let rest = hf
-        .strip_prefix("model.layers.")
-        .with_context(|| format!("tensor `{hf}` has no llama.cpp name"))?;
-    let (layer, part) = rest.split_once('.').context("layer tensor without a part")?;
-    let part = match part {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        other => bail!("tensor `{hf}`: part `{other}` has no llama.cpp name"),
-    };
-    Ok(format!("blk.{layer}.{part}"))
-}
-
 /// llama.cpp pairs RoPE dimensions (2i, 2i+1); HF pairs (i, i + d/2). The inverse of `unpermute_rows`,
 /// applied to any per-row data laid out as `rows × cols`.
 fn permute_rows<T: Copy>(data: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
@@ -203,34 +174,18 @@ fn quantized_blocks(codes: &[i8], scales: &[f32], cols: usize) -> std::result::R
     Ok((if fits_q4 { GgmlType::Q4_0 } else { GgmlType::Q8_0 }, out))
 }
 
+/// `t` as little-endian bytes of the GGML float type `float` stands for.
 fn float_bytes(t: &Tensor, float: FloatType) -> Result<(GgmlType, Vec<u8>)> {
-    let flat = t.flatten_all()?;
-    Ok(match float {
-        FloatType::F32 => (
-            GgmlType::F32,
-            flat.to_dtype(DType::F32)?
-                .to_vec1::<f32>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        FloatType::F16 => (
-            GgmlType::F16,
-            flat.to_dtype(DType::F16)?
-                .to_vec1::<f16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        FloatType::Bf16 => (
-            GgmlType::Bf16,
-            flat.to_dtype(DType::BF16)?
-                .to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-    })
+    let ggml_type = match float {
+        FloatType::F32 => GgmlType::F32,
+        FloatType::F16 => GgmlType::F16,
+        FloatType::Bf16 => GgmlType::Bf16,
+    };
+    let cpu = t
+        .to_dtype(float.dtype())?
+        .to_device(&candle_core::Device::Cpu)?
+        .contiguous()?;
+    Ok((ggml_type, safetensors::View::data(&cpu).into_owned()))
 }
 
 /// llama.cpp's per-frequency RoPE divisors for Llama-3 scaling (what its converter writes).
@@ -308,7 +263,7 @@ pub fn write(
             note,
         });
         tensors.push(RawTensor {
-            name: gguf_name(name)?,
+            name: translate_name(name, false).with_context(|| format!("tensor `{name}` has no llama.cpp name"))?,
             dims: dims.iter().rev().map(|&d| d as u64).collect(),
             ggml_type: ggml_type as u32,
             data,

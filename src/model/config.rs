@@ -2,7 +2,6 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 /// Llama-3's frequency-dependent RoPE scaling (`rope_scaling.rope_type = "llama3"`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,11 +59,6 @@ fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
 }
 
 impl LlamaConfig {
-    pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_hf_json(&text).with_context(|| format!("in {}", path.display()))
-    }
-
     pub fn from_hf_json(text: &str) -> Result<Self> {
         let hf: HfConfig = serde_json::from_str(text).context("config.json is not valid JSON")?;
         if let Some(t) = &hf.model_type {

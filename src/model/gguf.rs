@@ -22,32 +22,41 @@ pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
-/// The HF name of a llama.cpp tensor name, or None for tensors proxqat does not use.
-fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+/// llama.cpp's names of the whole-model tensors and HF's, both directions of import and export.
+const FIXED_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// llama.cpp's names of a layer's tensors (after `blk.N.`) and HF's (after `model.layers.N.`).
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
+/// Translate a tensor name between the two conventions: `to_hf` from llama.cpp to HF, else back.
+/// None for names outside the Llama layout.
+pub fn translate_name(name: &str, to_hf: bool) -> Option<String> {
+    let pick = |pair: &(&'static str, &'static str)| if to_hf { *pair } else { (pair.1, pair.0) };
+    if let Some((_, to)) = FIXED_NAMES.iter().map(pick).find(|(from, _)| *from == name) {
+        return Some(to.to_string());
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
+    let (from_prefix, to_prefix) = if to_hf {
+        ("blk.", "model.layers.")
+    } else {
+        ("model.layers.", "blk.")
     };
-    Some(format!("model.layers.{layer}.{hf}"))
+    let (layer, part) = name.strip_prefix(from_prefix)?.split_once('.')?;
+    let (_, to) = LAYER_NAMES.iter().map(pick).find(|(from, _)| *from == part)?;
+    Some(format!("{to_prefix}{layer}.{to}"))
 }
 
 struct Meta<'a>(&'a HashMap<String, Value>, &'a Path);
@@ -138,7 +147,7 @@ BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K..Q8_K; re-quantize the model to one 
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let Some(hf) = hf_name(name) else {
+        let Some(hf) = translate_name(name, true) else {
             tracing::warn!(tensor = %name, "GGUF tensor not used by the Llama model; skipped");
             continue;
         };

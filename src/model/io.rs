@@ -28,9 +28,11 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         );
     }
     let config_file = path.join("config.json");
-    let cfg = LlamaConfig::from_hf_file(&config_file)?;
+    let text = std::fs::read_to_string(&config_file).with_context(|| format!("reading {}", config_file.display()))?;
+    let cfg = LlamaConfig::from_hf_json(&text).with_context(|| format!("in {}", config_file.display()))?;
     let tokenizer = load_tokenizer(&path.join("tokenizer.json"))?;
-    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_file)?)?;
+    // Valid JSON by now: from_hf_json parsed it.
+    let raw: serde_json::Value = serde_json::from_str(&text)?;
     let tensors = if crate::export::packed::is_packed(&raw) {
         crate::export::packed::load(&path.join("model.safetensors"), &raw)?
     } else {
