@@ -8,11 +8,14 @@ export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PAT
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"; : > "$out/bench.jsonl"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
-for mb in 4 16; do
-  for method in fp prox; do
+for mb in ${BENCH_MB:-4 16}; do
+  for method in fp prox prox-loss; do
     $bin bench --shape llama-3.2-1b --tokenizer "$assets/llama3.2-tokenizer.json" --micro-batch $mb --seq 256 \
       --global-batch 128 --method $method --steps ${BENCH_STEPS:-2} 2>>"$out/bench.log" | sed "s/^{/{\"impl\":\"proxqat-$method\",/" >> "$out/bench.jsonl"
   done
+  # The same step on candle primitives (train.kernels = "reference"): what the fused kernels buy.
+  [ $mb = 4 ] && $bin bench --shape llama-3.2-1b --tokenizer "$assets/llama3.2-tokenizer.json" --micro-batch $mb --seq 256 \
+      --global-batch 128 --method fp --kernels reference --steps ${BENCH_STEPS:-2} 2>>"$out/bench.log" | sed "s/^{/{\"impl\":\"proxqat-fp-ref\",/" >> "$out/bench.jsonl"
   for mode in eager compile; do
     python3 "$here/torch_reference.py" $mb 256 128 $mode 2>>"$out/torch.log" >> "$out/bench.jsonl"
   done

@@ -41,6 +41,7 @@ pub struct BenchArgs<'a> {
     pub global_batch: usize,
     pub method: &'a str,
     pub steps: usize,
+    pub kernels: &'a str,
 }
 
 fn shape(name: &str) -> Result<LlamaConfig> {
@@ -59,16 +60,20 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
     let cfg_model = shape(a.shape)?;
     let quant = match a.method {
         "fp" => "",
-        "prox" => "[quant]\nmethod = \"prox\"\n",
-        other => anyhow::bail!("unknown --method {other:?}: fp or prox"),
+        // The shipped setting (configs/alpaca.toml): prox pull, task gradient at q(x). Grid statistics
+        // every step (the default is every 10): the worst case of the method's overhead.
+        "prox" => "[quant]\nmethod = \"prox\"\npull = \"prox\"\ngrad_at = \"q\"\nstats_every = 1\n",
+        "prox-loss" => "[quant]\nmethod = \"prox\"\npull = \"loss\"\nstats_every = 1\n",
+        other => anyhow::bail!("unknown --method {other:?}: fp, prox or prox-loss"),
     };
     let toml = format!(
         "[model]\npath = \"random\"\n[data]\npath = \"synthetic\"\nval_records = 1\nmax_seq_length = {seq}\n\
-         [train]\nout_dir = \"bench\"\nmicro_batch = {mb}\nglobal_batch = {gb}\nmax_steps = 1000\nwarmup_steps = 1\nlr = 1e-5\n\
+         [train]\nout_dir = \"bench\"\nmicro_batch = {mb}\nglobal_batch = {gb}\nmax_steps = 1000\nwarmup_steps = 1\nlr = 1e-5\nkernels = \"{kernels}\"\n\
          [eval]\nevery = 0\ninitial = false\nfinal = false\nmax_batches = 1\n{quant}",
         seq = a.seq,
         mb = a.micro_batch,
-        gb = a.global_batch
+        gb = a.global_batch,
+        kernels = a.kernels
     );
     let cfg = Config::parse(&toml, &[])?;
     let device = crate::train::pick_device(cfg.train.device)?;

@@ -24,7 +24,7 @@ directory, a packed export, or a .gguf file. The last three carry no quant confi
 EXIT STATUS: 0 on success; 1 on any error, with a message naming the file, field or tensor and the fix.
 Nothing is left half-written: every output goes to a temporary name and is renamed into place.
 
-ENVIRONMENT: RUST_LOG (tracing filter, default info), NO_COLOR."
+ENVIRONMENT: PROXQAT_LOG (tracing filter, default info; e.g. proxqat=debug), NO_COLOR."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -89,12 +89,15 @@ pub struct BenchCliArgs {
     /// Rows per optimizer step.
     #[arg(long, value_name = "ROWS", default_value_t = 128)]
     pub global_batch: usize,
-    /// fp or prox.
+    /// fp, prox (pull = "prox", grad_at = "q": configs/alpaca.toml) or prox-loss (pull = "loss").
     #[arg(long, default_value = "fp")]
     pub method: String,
     /// Measured optimizer steps after one warm-up step.
     #[arg(long, value_name = "STEPS", default_value_t = 2)]
     pub steps: usize,
+    /// fused (the custom kernels) or reference (candle primitives), as `train.kernels`.
+    #[arg(long, default_value = "fused")]
+    pub kernels: String,
 }
 
 #[derive(Subcommand, Debug)]

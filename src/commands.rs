@@ -40,6 +40,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 global_batch: a.global_batch,
                 method: &a.method,
                 steps: a.steps,
+                kernels: &a.kernels,
             })?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())

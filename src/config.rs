@@ -84,6 +84,8 @@ pub struct TrainSection {
     pub precision: Precision,
     /// Allow TF32 tensor cores for f32 matmuls on CUDA (10-bit mantissa inputs; off, as in PyTorch).
     pub tf32: bool,
+    /// `fused` (the custom kernels of src/fused, CUDA and CPU) or `reference` (candle primitives).
+    pub kernels: crate::fused::Kernels,
     pub device: DeviceChoice,
     /// Log (progress bar + metrics.jsonl) every N optimizer steps.
     pub log_every: usize,
@@ -111,6 +113,7 @@ impl Default for TrainSection {
             seed: 1337,
             precision: Precision::Auto,
             tf32: false,
+            kernels: crate::fused::Kernels::Fused,
             device: DeviceChoice::Auto,
             log_every: 10,
             save_every: 0,

@@ -8,8 +8,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::fused::{self, Kernels};
 use crate::model::{io, ops, Llama, LlamaConfig, Params};
 use crate::quant::grid::{GridConfig, TensorGrid};
+use crate::train::optim::{AdamW, Update};
 
 /// max|a − b| / max|b|, both read back as f64.
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -72,7 +74,66 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         .collect();
     type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
     let on = |t: &Tensor, like: &Tensor| -> Result<Tensor> { Ok(t.to_device(like.device())?.to_dtype(like.dtype())?) };
+    let (cos2, sin2) = (cos.clone(), sin.clone());
+    let ste_scale = match TensorGrid::new(&GridConfig::default(), &randn(&[64, 128], 11, 0.02)?)? {
+        TensorGrid::Uniform { scale, .. } => scale,
+        TensorGrid::Levels(_) => unreachable!("the default grid is uniform"),
+    };
+    let targets2 = targets.clone();
+    let f32_of = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?) };
     let cases: Vec<(&str, Vec<Tensor>, OpFn)> = vec![
+        // The fused kernels, as the model calls them (f32 residual in, compute dtype out for the norm).
+        (
+            "fused rms_norm",
+            vec![randn(&[2, 12, 64], 1, 1.0)?, randn(&[64], 2, 1.0)?],
+            Box::new(move |x| {
+                Ok(fused::rms_norm::rms_norm(
+                    &f32_of(&x[0])?,
+                    &f32_of(&x[1])?,
+                    1e-5,
+                    x[0].dtype(),
+                )?)
+            }),
+        ),
+        (
+            "fused rope (+transpose)",
+            vec![randn(&[2, 12, 4 * 16], 3, 1.0)?],
+            Box::new(move |x| {
+                Ok(fused::rope::rope(
+                    &x[0],
+                    &on(&cos2, &f32_of(&x[0])?)?,
+                    &on(&sin2, &f32_of(&x[0])?)?,
+                    4,
+                )?)
+            }),
+        ),
+        (
+            "fused causal_attention",
+            vec![
+                randn(&[2, 4, 12, 16], 5, 1.0)?,
+                randn(&[2, 2, 12, 16], 6, 1.0)?,
+                randn(&[2, 2, 12, 16], 7, 1.0)?,
+            ],
+            Box::new(|x| Ok(fused::softmax::causal_attention(&x[0], &x[1], &x[2])?)),
+        ),
+        (
+            "fused ste quantize view",
+            vec![randn(&[64, 128], 11, 0.02)?],
+            Box::new(move |x| {
+                let x = f32_of(&x[0])?;
+                Ok(fused::ste::quantize_straight_through(&x, &on(&ste_scale, &x)?, 7.0)?)
+            }),
+        ),
+        (
+            "fused swiglu",
+            vec![randn(&[24, 128], 8, 1.0)?, randn(&[24, 128], 9, 1.0)?],
+            Box::new(|x| Ok(fused::swiglu::swiglu(&x[0], &x[1])?)),
+        ),
+        (
+            "fused cross_entropy",
+            vec![randn(&[24, 64], 10, 2.0)?],
+            Box::new(move |x| Ok(fused::cross_entropy::cross_entropy(&x[0], &targets2)?.0)),
+        ),
         (
             "rms_norm",
             vec![randn(&[2, 12, 64], 1, 1.0)?, randn(&[64], 2, 1.0)?],
@@ -110,7 +171,13 @@ pub fn parity(cuda: &Device) -> Result<bool> {
     ];
     for (name, inputs, f) in &cases {
         let (ref_out, ref_grads) = value_and_grads(f.as_ref(), inputs, &Device::Cpu, DType::F32)?;
-        for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+        // The quantized view reads f32 master weights only: bf16-rounded inputs change grid codes.
+        let dtypes: &[(DType, f64)] = if name.contains("ste") {
+            &[(DType::F32, 1e-4)]
+        } else {
+            &[(DType::F32, 1e-4), (DType::BF16, 2e-2)]
+        };
+        for &(dtype, tol) in dtypes {
             let (out, grads) = value_and_grads(f.as_ref(), inputs, cuda, dtype)?;
             let mut err = rel_err(&out, &ref_out)?;
             for (g, r) in grads.iter().zip(&ref_grads) {
@@ -146,18 +213,32 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             tol: 0.0,
         });
     }
+    // Grid statistics: the fused one-pass counts on CUDA against the candle-ops counts on the CPU.
+    let g = TensorGrid::new(&GridConfig::default(), &w)?;
+    let moved = (&w + randn(&[64, 128], 12, 0.002)?)?;
+    let stack = |c: crate::quant::grid::GridCounts| Tensor::stack(&[c.hit, c.sat_q, c.sat_w, c.abs_err], 0);
+    let err = rel_err(
+        &stack(g.to_device(cuda)?.counts(&moved.to_device(cuda)?, 1e-3)?)?,
+        &stack(g.counts(&moved, 1e-3)?)?,
+    )?;
+    rows.push(Row {
+        name: "fused grid counts".into(),
+        dtype: DType::F32,
+        err,
+        tol: 1e-5,
+    });
     // A tiny Llama: loss and every parameter's gradient.
     let params_cpu = Params::random(&cfg, 21, DType::F32, &Device::Cpu)?;
     let ids: Vec<u32> = (0..2 * 12).map(|i| (i * 13 % 64) as u32).collect();
     let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let run = |device: &Device, dtype: DType| -> Result<(Tensor, BTreeMap<String, Tensor>)> {
+    let run = |device: &Device, dtype: DType, kernels: Kernels| -> Result<(Tensor, BTreeMap<String, Tensor>)> {
         let tensors = params_cpu
             .to_tensors()
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_device(device)?)))
             .collect::<Result<_>>()?;
         let params = Params::from_tensors(&cfg, tensors, DType::F32)?;
-        let model = Llama::new(cfg.clone(), dtype, device);
+        let model = Llama::new(cfg.clone(), dtype, device).with_kernels(kernels);
         let w = params.compute_weights(dtype, |_, x| Ok(x.clone()))?;
         let input = Tensor::from_vec(ids.clone(), (2, 12), device)?;
         let (loss, _) = model.loss(&w, &input, &labels)?;
@@ -169,20 +250,89 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             .collect::<Result<_>>()?;
         Ok((loss, g))
     };
-    let (ref_loss, ref_grads) = run(&Device::Cpu, DType::F32)?;
-    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
-        let (loss, grads) = run(cuda, dtype)?;
-        let mut err = rel_err(&loss, &ref_loss)?;
-        for (n, g) in &grads {
-            err = err.max(rel_err(g, &ref_grads[n])?);
+    // Reference on the CPU; both kernel sets on CUDA.
+    let (ref_loss, ref_grads) = run(&Device::Cpu, DType::F32, Kernels::Reference)?;
+    for kernels in [Kernels::Fused, Kernels::Reference] {
+        for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+            let (loss, grads) = run(cuda, dtype, kernels)?;
+            let mut err = rel_err(&loss, &ref_loss)?;
+            for (n, g) in &grads {
+                err = err.max(rel_err(g, &ref_grads[n])?);
+            }
+            rows.push(Row {
+                name: format!("tiny llama {kernels:?} loss+grads"),
+                dtype,
+                err,
+                tol,
+            });
         }
-        rows.push(Row {
-            name: "tiny llama loss + all grads".into(),
-            dtype,
-            err,
-            tol,
-        });
     }
+    // The fused AdamW (CUDA, in place) against the reference AdamW (CPU), with a clipping factor: steps
+    // 0-1 plain, 2 dist-grad (uniform grid), 3 prox (uniform grid), 4 prox (level grid). Then the fused Σx².
+    fn how<'a>(k: u64, grid: &'a TensorGrid, levels: &'a TensorGrid, pull: &'a Tensor) -> Update<'a> {
+        match k {
+            0 | 1 => Update::Plain,
+            2 => Update::DistGrad {
+                task_scale: 0.7,
+                coef: pull,
+                grid,
+            },
+            3 => Update::Prox {
+                task_scale: 0.7,
+                pull,
+                grid,
+            },
+            _ => Update::Prox {
+                task_scale: 0.7,
+                pull,
+                grid: levels,
+            },
+        }
+    }
+    let optimizer = |device: &Device| -> Result<(Tensor, Tensor, Tensor)> {
+        let var = Var::from_tensor(&randn(&[64, 128], 30, 0.02)?.to_device(device)?)?;
+        let grid = TensorGrid::new(&GridConfig::default(), var.as_tensor())?;
+        let levels = TensorGrid::new(
+            &GridConfig {
+                levels: Some(vec![-0.03, -0.01, 0.0, 0.01, 0.03]),
+                ..Default::default()
+            },
+            var.as_tensor(),
+        )?;
+        let pull = Tensor::new(200f32, device)?;
+        let mut opt = AdamW::new(0.9, 0.95, 1e-8, 0.1);
+        let clip = Tensor::new(0.5f32, device)?;
+        for k in 0..5u64 {
+            opt.begin_step();
+            let g = randn(&[64, 128], 31 + k, 1e-3)?.to_device(device)?;
+            opt.update("w", &var, &g, &clip, 1e-3, how(k, &grid, &levels, &pull))?;
+        }
+        Ok((var.as_tensor().clone(), opt.m["w"].clone(), opt.v["w"].clone()))
+    };
+    let (x_ref, m_ref, v_ref) = optimizer(&Device::Cpu)?;
+    let (x, m, v) = optimizer(cuda)?;
+    let err = rel_err(&x, &x_ref)?.max(rel_err(&m, &m_ref)?).max(rel_err(&v, &v_ref)?);
+    rows.push(Row {
+        name: "fused adamw (clip, pulls) x,m,v".into(),
+        dtype: DType::F32,
+        err,
+        tol: 1e-5,
+    });
+    let parts = [randn(&[1000, 77], 40, 1.0)?, randn(&[3], 41, 1.0)?];
+    let on_cuda = parts
+        .iter()
+        .map(|t| t.to_device(cuda))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let err = rel_err(
+        &fused::adamw::sum_squares(&on_cuda.iter().collect::<Vec<_>>())?,
+        &fused::adamw::sum_squares(&parts.iter().collect::<Vec<_>>())?,
+    )?;
+    rows.push(Row {
+        name: "fused sum of squares".into(),
+        dtype: DType::F32,
+        err,
+        tol: 1e-5,
+    });
     let mut ok = true;
     println!(
         "{:<32} {:>6} {:>11} {:>9}  result",

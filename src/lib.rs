@@ -11,6 +11,7 @@ pub mod data;
 pub mod eval;
 pub mod export;
 pub mod fsutil;
+pub mod fused;
 pub mod gpu_check;
 pub mod metrics;
 pub mod model;

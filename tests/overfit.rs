@@ -14,6 +14,7 @@ fn tiny_model_overfits_one_batch() {
     let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     let input = Tensor::from_vec(ids, (2, 16), &Device::Cpu).unwrap();
     let mut opt = AdamW::new(0.9, 0.95, 1e-8, 0.0);
+    let one = Tensor::new(1f32, &Device::Cpu).unwrap();
     let mut first = None;
     let mut last = f32::MAX;
     for _ in 0..100 {
@@ -24,8 +25,15 @@ fn tiny_model_overfits_one_batch() {
         first.get_or_insert(last);
         opt.begin_step();
         for (name, var) in &params.vars {
-            opt.update(name, var, grads.get(var.as_tensor()).unwrap(), 1e-2, Update::Plain)
-                .unwrap();
+            opt.update(
+                name,
+                var,
+                grads.get(var.as_tensor()).unwrap(),
+                &one,
+                1e-2,
+                Update::Plain,
+            )
+            .unwrap();
         }
     }
     let first = first.unwrap();
@@ -59,13 +67,14 @@ fn adamw_matches_a_hand_computed_pytorch_step() {
     )
     .unwrap();
     let mut opt = AdamW::new(b1, b2, eps, wd);
+    let one = Tensor::new(1f32, &Device::Cpu).unwrap();
     for g in &grads {
         opt.begin_step();
         let g = Tensor::from_vec(g.to_vec(), (2, 2), &Device::Cpu)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        opt.update("w", &var, &g, lr, Update::Plain).unwrap();
+        opt.update("w", &var, &g, &one, lr, Update::Plain).unwrap();
     }
     let got: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
     for i in 0..4 {
@@ -84,7 +93,8 @@ fn adam_state_never_holds_an_autograd_graph() {
         "precondition: the gradient expression tracks the variable"
     );
     let mut opt = AdamW::new(0.9, 0.95, 1e-8, 0.1);
+    let one = Tensor::new(1f32, &Device::Cpu).unwrap();
     opt.begin_step();
-    opt.update("w", &var, &grad, 1e-2, Update::Plain).unwrap();
+    opt.update("w", &var, &grad, &one, 1e-2, Update::Plain).unwrap();
     assert!(!opt.m["w"].track_op() && !opt.v["w"].track_op());
 }

@@ -204,3 +204,35 @@ fn counts_hits_and_both_saturations() {
     let want_err = 0.0 + 0.005 + 0.05 + 0.05 + 0.05 + 1.25;
     assert!((get(c.abs_err) - want_err).abs() < 1e-6);
 }
+
+#[test]
+fn fused_straight_through_view_is_the_grid_point_with_gradient_one() {
+    // Ties (x/s exactly k + 0.5), values beyond the clamp, and ordinary values, per-group scales.
+    let mut rng = proxqat::rng::Rng::new(3);
+    let mut v: Vec<f32> = (0..4 * 64).map(|_| 0.05 * rng.normal() as f32).collect();
+    v[0] = 0.5;
+    v[1] = -3.0;
+    let x = t(&v, &[4, 64]);
+    let grid = TensorGrid::new(&uniform(3, ScaleKind::Group, None), &x).unwrap();
+    let TensorGrid::Uniform { scale, half_levels, .. } = &grid else {
+        unreachable!()
+    };
+    // A tie at code 1.5 in the first group: x = 1.5·s must round to 2 (even).
+    let s0 = scale.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+    v[2] = 1.5 * s0;
+    let x = candle_core::Var::from_tensor(&t(&v, &[4, 64])).unwrap();
+    let q = proxqat::fused::ste::quantize_straight_through(x.as_tensor(), scale, *half_levels).unwrap();
+    assert_eq!(
+        f32s(&q),
+        f32s(&grid.quantize(x.as_tensor()).unwrap()),
+        "bit-identical to the grid"
+    );
+    assert_eq!(f32s(&q)[2], 2.0 * s0);
+    let probe = common::randn(&[4, 64], 9, 1.0).to_dtype(DType::F32).unwrap();
+    let grads = (&q * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(
+        f32s(grads.get(x.as_tensor()).unwrap()),
+        f32s(&probe),
+        "gradient is the identity"
+    );
+}

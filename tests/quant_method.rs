@@ -112,7 +112,12 @@ fn sensitivity_ema_and_both_maps_match_f64() {
     let mut want = [0f64; 3];
     for k in 0..4 {
         let g = grads_at(k);
-        sens.update(0.95, &g).unwrap();
+        sens.update(
+            0.95,
+            &g,
+            &candle_core::Tensor::new(1f32, &candle_core::Device::Cpu).unwrap(),
+        )
+        .unwrap();
         for (i, n) in names.iter().enumerate() {
             let v = common::to_vec_f64(&g[n]);
             let g2 = v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64;

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use super::config::LlamaConfig;
 use super::ops;
+use crate::fused::{self, Kernels};
 
 /// The master parameters, keyed by HF name. f32 everywhere except f64 in gradient tests.
 pub struct Params {
@@ -100,6 +101,8 @@ pub struct Llama {
     pub cfg: LlamaConfig,
     pub device: Device,
     pub dtype: DType,
+    /// Fused kernels (default) or the reference compositions of candle primitives.
+    pub kernels: Kernels,
     cache: std::sync::Mutex<BTreeMap<usize, (Tensor, Tensor, Tensor)>>,
 }
 
@@ -109,7 +112,21 @@ impl Llama {
             cfg,
             device: device.clone(),
             dtype,
+            kernels: Kernels::default(),
             cache: Default::default(),
+        }
+    }
+
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Llama { kernels, ..self }
+    }
+
+    /// The dtype of statistics and RoPE angles: f64 for an f64 model (tests), else f32.
+    fn stat_dtype(&self) -> DType {
+        if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
         }
     }
 
@@ -118,7 +135,7 @@ impl Llama {
         if let Some(c) = cache.get(&seq_len) {
             return Ok(c.clone());
         }
-        let (cos, sin) = ops::rope_tables(&self.cfg, seq_len, self.dtype, &self.device)?;
+        let (cos, sin) = ops::rope_tables(&self.cfg, seq_len, self.stat_dtype(), &self.device)?;
         let mask = ops::causal_mask(seq_len, self.dtype, &self.device)?;
         cache.insert(seq_len, (cos.clone(), sin.clone(), mask.clone()));
         Ok((cos, sin, mask))
@@ -136,34 +153,48 @@ impl Llama {
             let w = get(name)?;
             Ok(x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?)
         };
+        let fused = self.kernels == Kernels::Fused;
+        // Fused: the norm writes the matmul input dtype directly. Reference: f32 out, cast by `linear`.
+        let norm = |x: &Tensor, name: String| -> Result<Tensor> {
+            let (w, eps) = (get(name)?, cfg.rms_norm_eps);
+            Ok(if fused {
+                fused::rms_norm::rms_norm(x, w, eps, self.dtype)?
+            } else {
+                ops::rms_norm(x, w, eps)?
+            })
+        };
         let mut x = get("model.embed_tokens.weight".into())?.index_select(&ids.flatten_all()?, 0)?;
         x = x.reshape((b, t, cfg.hidden_size))?;
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let a = ops::rms_norm(&x, get(format!("{p}.input_layernorm.weight"))?, cfg.rms_norm_eps)?;
-            let heads = |n: usize, proj: &str| -> Result<Tensor> {
-                Ok(linear(&a, format!("{p}.self_attn.{proj}.weight"))?
-                    .reshape((b, t, n, hd))?
-                    .transpose(1, 2)?)
+            let a = norm(&x, format!("{p}.input_layernorm.weight"))?;
+            let proj = |name: &str| linear(&a, format!("{p}.self_attn.{name}.weight"));
+            let split_heads = |y: Tensor, n: usize| -> Result<Tensor> {
+                Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
             };
-            let q = ops::rope(&heads(h, "q_proj")?.contiguous()?, &cos, &sin)?;
-            let k = ops::rope(&heads(kv, "k_proj")?.contiguous()?, &cos, &sin)?;
-            let v = heads(kv, "v_proj")?.contiguous()?;
-            let att = ops::causal_attention(&q, &k, &v, &mask)?;
+            let v = split_heads(proj("v_proj")?, kv)?;
+            let att = if fused {
+                let q = fused::rope::rope(&proj("q_proj")?, &cos, &sin, h)?;
+                let k = fused::rope::rope(&proj("k_proj")?, &cos, &sin, kv)?;
+                fused::softmax::causal_attention(&q, &k, &v)?
+            } else {
+                let q = ops::rope(&split_heads(proj("q_proj")?, h)?, &cos, &sin)?;
+                let k = ops::rope(&split_heads(proj("k_proj")?, kv)?, &cos, &sin)?;
+                ops::causal_attention(&q, &k, &v, &mask)?
+            };
             let att = att.transpose(1, 2)?.reshape((b, t, h * hd))?;
             x = (&x + linear(&att, format!("{p}.self_attn.o_proj.weight"))?.to_dtype(x.dtype())?)?;
-            let m = ops::rms_norm(
-                &x,
-                get(format!("{p}.post_attention_layernorm.weight"))?,
-                cfg.rms_norm_eps,
-            )?;
-            let act = ops::swiglu(
-                &linear(&m, format!("{p}.mlp.gate_proj.weight"))?,
-                &linear(&m, format!("{p}.mlp.up_proj.weight"))?,
-            )?;
+            let m = norm(&x, format!("{p}.post_attention_layernorm.weight"))?;
+            let gate = linear(&m, format!("{p}.mlp.gate_proj.weight"))?;
+            let up = linear(&m, format!("{p}.mlp.up_proj.weight"))?;
+            let act = if fused {
+                fused::swiglu::swiglu(&gate, &up)?
+            } else {
+                ops::swiglu(&gate, &up)?
+            };
             x = (&x + linear(&act, format!("{p}.mlp.down_proj.weight"))?.to_dtype(x.dtype())?)?;
         }
-        Ok(ops::rms_norm(&x, get("model.norm.weight".into())?, cfg.rms_norm_eps)?)
+        norm(&x, "model.norm.weight".into())
     }
 
     /// `hidden · headᵀ` in the compute dtype (a tied head is the embedding, cast here).
@@ -194,7 +225,10 @@ impl Llama {
             .flat_map(|r| labels[r * t + 1..(r + 1) * t].iter().copied())
             .collect();
         let logits = self.project(w, &hidden.reshape((b * (t - 1), self.cfg.hidden_size))?)?;
-        Ok(ops::cross_entropy(&logits, &targets)?)
+        Ok(match self.kernels {
+            Kernels::Fused => fused::cross_entropy::cross_entropy(&logits, &targets)?,
+            Kernels::Reference => ops::cross_entropy(&logits, &targets)?,
+        })
     }
 
     /// Greedy decoding (no KV cache: prompts and completions here are short).

@@ -54,7 +54,8 @@ fn base_frequencies(cfg: &LlamaConfig) -> Vec<f64> {
         .collect()
 }
 
-/// RoPE angle tables `(cos, sin)`, each `(seq_len, head_dim)` in the rotate-half layout HF uses.
+/// RoPE angle tables `(cos, sin)`, each `(seq_len, head_dim / 2)`: one angle per rotated pair
+/// (rotate-half layout: element i pairs with i + head_dim/2).
 pub fn rope_tables(cfg: &LlamaConfig, seq_len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let mut inv_freq = base_frequencies(cfg);
     if let Some(divisors) = llama3_rope_divisors(cfg) {
@@ -63,28 +64,28 @@ pub fn rope_tables(cfg: &LlamaConfig, seq_len: usize, dtype: DType, device: &Dev
     let mut cos = Vec::with_capacity(seq_len * cfg.head_dim);
     let mut sin = Vec::with_capacity(seq_len * cfg.head_dim);
     for t in 0..seq_len {
-        for _ in 0..2 {
-            for f in &inv_freq {
-                let a = t as f64 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
+        for f in &inv_freq {
+            let a = t as f64 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
         }
     }
-    let shape = (seq_len, cfg.head_dim);
+    let shape = (seq_len, cfg.head_dim / 2);
     Ok((
         Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
         Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
     ))
 }
 
-/// Rotate-half RoPE on `x: (B, H, T, D)` with tables `(T, D)`.
+/// Rotate-half RoPE on `x: (B, H, T, D)` with the tables of `rope_tables`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let full = |t: &Tensor| Tensor::cat(&[t, t], D::Minus1)?.to_dtype(x.dtype());
+    let (cos, sin) = (full(cos)?, full(sin)?);
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
 /// Softmax over the last dimension. The max is subtracted detached: softmax does not depend on it.

@@ -218,6 +218,17 @@ impl TensorGrid {
     /// |w| beyond the grid's range (`sat_w`), and Σ|w−q|. All stay on the device.
     pub fn counts(&self, w: &Tensor, atol: f64) -> Result<GridCounts> {
         let w = w.to_dtype(DType::F32)?;
+        if let TensorGrid::Uniform { scale, half_levels, .. } = self {
+            if let Some(c) = crate::fused::grid::uniform_counts(&w, scale, *half_levels, atol)? {
+                let at = |i| c.get(i);
+                return Ok(GridCounts {
+                    hit: at(0)?,
+                    sat_q: at(1)?,
+                    sat_w: at(2)?,
+                    abs_err: at(3)?,
+                });
+            }
+        }
         let q = self.quantize(&w)?;
         let err = (&w - &q)?.abs()?;
         // Counts are summed as u32: f32 sums of ones stop being exact past 2^24 entries.

@@ -46,10 +46,12 @@ pub struct Sensitivity {
 }
 
 impl Sensitivity {
-    /// `S ← m·S + (1−m)·mean(g²)` (first time: `S = mean(g²)`), for every tensor in `grads`.
-    pub fn update(&mut self, ema: f64, grads: &BTreeMap<String, Tensor>) -> Result<()> {
+    /// `S ← m·S + (1−m)·mean((clip·g)²)` (first time: `S = mean((clip·g)²)`), for every tensor in
+    /// `grads`; `clip` is the step's 0-d clipping factor (no clipped copy of the gradients is made).
+    pub fn update(&mut self, ema: f64, grads: &BTreeMap<String, Tensor>, clip: &Tensor) -> Result<()> {
+        let clip2 = clip.to_dtype(DType::F32)?.sqr()?;
         for (name, g) in grads {
-            let g2 = g.to_dtype(DType::F32)?.sqr()?.mean_all()?;
+            let g2 = crate::fused::adamw::mean_square(g)?.mul(&clip2)?;
             let next = match self.values.get(name) {
                 None => g2,
                 Some(prev) => ((prev * ema)? + (g2 * (1.0 - ema))?)?,

@@ -1,10 +1,16 @@
 //! AdamW with f32 state (PyTorch's formula), plus the Prox-QAT override for selected tensors (spec §7):
 //! the same moments advance from the same gradient, but the applied update is
 //! `x − η·(pull·(x − q) + λ·(AdamDir + wd·x))`.
+//!
+//! On CUDA with f32 master weights the update is one in-place kernel per tensor (`fused::adamw`); the
+//! candle-ops version below is its CPU path and reference.
 
 use anyhow::Result;
 use candle_core::{DType, Tensor, Var};
 use std::collections::BTreeMap;
+
+#[cfg(feature = "cuda")]
+use crate::fused;
 
 #[derive(Clone, Debug)]
 pub struct AdamW {
@@ -18,18 +24,7 @@ pub struct AdamW {
     pub v: BTreeMap<String, Tensor>,
 }
 
-/// How a parameter's AdamW result is applied.
-pub enum Update<'a> {
-    /// `x − η·(AdamDir + wd·x)`.
-    Plain,
-    /// `x − η·(pull·(x − q) + task_scale·(AdamDir + wd·x))`; `pull` is a 0-d tensor, already
-    /// clamped so that η·pull ≤ 1.
-    Prox {
-        task_scale: f64,
-        pull: &'a Tensor,
-        q: &'a Tensor,
-    },
-}
+pub use crate::fused::adamw::Update;
 
 impl AdamW {
     pub fn new(beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
@@ -54,10 +49,38 @@ impl AdamW {
         self.t += 1;
     }
 
-    pub fn update(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64, how: Update) -> Result<()> {
-        // Detached: optimizer state must never hold an autograd graph (it would grow every step).
-        let g = grad.detach().to_dtype(DType::F32)?;
+    /// One AdamW step of `var` from `grad` scaled by the 0-d clipping factor `clip`.
+    pub fn update(&mut self, name: &str, var: &Var, grad: &Tensor, clip: &Tensor, lr: f64, how: Update) -> Result<()> {
         let (b1, b2) = (self.beta1, self.beta2);
+        let bc1 = 1.0 - b1.powi(self.t as i32);
+        let bc2 = 1.0 - b2.powi(self.t as i32);
+        let wd = if Self::decays(var.as_tensor()) {
+            self.weight_decay
+        } else {
+            0.0
+        };
+        #[cfg(feature = "cuda")]
+        if fused::adamw::applies(var.as_tensor(), grad) {
+            let x = var.as_tensor();
+            for state in [&mut self.m, &mut self.v] {
+                if !state.contains_key(name) {
+                    state.insert(name.to_string(), x.zeros_like()?);
+                }
+            }
+            let args = fused::adamw::AdamWArgs::new(lr, b1, b2, bc1, bc2, self.eps, wd);
+            fused::adamw::step_in_place(x, &self.m[name], &self.v[name], grad, clip, &how, args)?;
+            return Ok(());
+        }
+        // Detached: optimizer state must never hold an autograd graph (it would grow every step).
+        let x = var.as_tensor().detach().to_dtype(DType::F32)?;
+        let mut g = grad
+            .detach()
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&clip.to_dtype(DType::F32)?)?;
+        if let Update::DistGrad { task_scale, coef, grid } = how {
+            let toward_grid = (&x - grid.quantize(&x)?)?.broadcast_mul(&coef.to_dtype(DType::F32)?)?;
+            g = ((g * task_scale)? + toward_grid)?;
+        }
         let m = match self.m.get(name) {
             Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
             None => (&g * (1.0 - b1))?,
@@ -66,16 +89,12 @@ impl AdamW {
             Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
             None => (g.sqr()? * (1.0 - b2))?,
         };
-        let bc1 = 1.0 - b1.powi(self.t as i32);
-        let bc2 = 1.0 - b2.powi(self.t as i32);
         let dir = ((&m / bc1)? / ((v.sqrt()? / bc2.sqrt())? + self.eps)?)?;
-        let x = var.as_tensor().detach().to_dtype(DType::F32)?;
-        let wd = if Self::decays(&x) { self.weight_decay } else { 0.0 };
         let task = if wd > 0.0 { (dir + (&x * wd)?)? } else { dir };
         let next = match how {
-            Update::Plain => (&x - (task * lr)?)?,
-            Update::Prox { task_scale, pull, q } => {
-                let toward_grid = (&x - q.to_dtype(DType::F32)?)?.broadcast_mul(pull)?;
+            Update::Plain | Update::DistGrad { .. } => (&x - (task * lr)?)?,
+            Update::Prox { task_scale, pull, grid } => {
+                let toward_grid = (&x - grid.quantize(&x)?)?.broadcast_mul(&pull.to_dtype(DType::F32)?)?;
                 (&x - ((toward_grid + (task * task_scale)?)? * lr)?)?
             }
         };

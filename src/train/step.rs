@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use super::optim::Update;
 use super::{schedule, Trainer};
+use crate::fused;
 use crate::quant::{dist_loss, harden, stats, Method, Pull, View};
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -76,18 +77,15 @@ impl Trainer {
         }
         drop(weights);
 
-        // 3. Clip the global gradient norm (on the device: the factor is a 0-d tensor).
-        let norm = grads
-            .values()
-            .map(|g| g.sqr()?.sum_all())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm = Tensor::stack(&norm, 0)?.sum_all()?.sqrt()?;
-        if t.grad_clip > 0.0 {
-            let factor = ((&norm + 1e-6)?.recip()? * t.grad_clip)?.minimum(1.0)?;
-            for g in grads.values_mut() {
-                *g = g.broadcast_mul(&factor)?;
-            }
-        }
+        // 3. Global gradient norm and clipping factor, both 0-d on the device; the optimizer applies the
+        // factor inside its update (no scaled copy of the gradients).
+        let norm = fused::adamw::sum_squares(&grads.values().collect::<Vec<_>>())?.sqrt()?;
+        let one = Tensor::ones((), DType::F32, &self.model.device)?;
+        let clip = if t.grad_clip > 0.0 {
+            ((&norm + 1e-6)?.recip()? * t.grad_clip)?.minimum(1.0)?
+        } else {
+            one.clone()
+        };
         let host = Tensor::stack(&[(loss_sum / accum as f64)?, norm], 0)?.to_vec1::<f32>()?;
         let (loss, grad_norm) = (host[0] as f64, host[1] as f64);
         self.mark("clip+sync")?;
@@ -118,62 +116,53 @@ impl Trainer {
         match &mut self.quant {
             None => {
                 for (name, var) in &self.params.vars {
-                    self.opt.update(name, var, &grads[name], lr, Update::Plain)?;
+                    self.opt.update(name, var, &grads[name], &clip, lr, Update::Plain)?;
                 }
             }
             Some(q) => {
                 let qc = q.quantizer.cfg.clone();
                 let names = q.quantizer.names();
                 // 4. Sensitivity EMA from the clipped task gradients; pull weights s_i.
-                let selected_grads: BTreeMap<String, Tensor> =
-                    names.iter().map(|n| (n.clone(), grads[n].clone())).collect();
                 if qc.method == Method::Prox && qc.sens.enable {
-                    q.sens.update(qc.sens.ema, &selected_grads)?;
+                    let selected: BTreeMap<String, Tensor> =
+                        names.iter().map(|n| (n.clone(), grads[n].clone())).collect();
+                    q.sens.update(qc.sens.ema, &selected, &clip)?;
                 }
                 let weights = q.sens.weights(&qc.sens, &names)?;
                 // 5. Pull gain c_k = c·γ_k (γ off: c).
                 let gain = qc.gamma.gain(&q.gamma, k);
                 let pull = qc.dist_scale * gain;
                 let lambda = q.dual.lambda;
-                // 6. Optimizer step with the method's treatment of the selected tensors.
+                // Under `pull = "loss"` λ scales every task gradient: folded into the clip factor.
+                let lambda_clip = (&clip * lambda)?;
+                // 6. Optimizer step with the method's treatment of the selected tensors (the grid point
+                // q(x) and the pull are computed inside the fused update).
                 for (name, var) in &self.params.vars {
                     let g = &grads[name];
-                    let selected = q.quantizer.grids.contains_key(name);
-                    match (qc.method, qc.pull, selected) {
+                    let weight = || weights[name].to_device(var.device());
+                    match (qc.method, qc.pull, q.quantizer.grids.get(name)) {
+                        (Method::Prox, Pull::Loss, Some(grid)) if pull > 0.0 => {
+                            let coef = dist_loss::grad_coefficient(&weight()?, names.len(), pull)?;
+                            let how = Update::DistGrad {
+                                task_scale: lambda,
+                                coef: &coef,
+                                grid,
+                            };
+                            self.opt.update(name, var, g, &clip, lr, how)?;
+                        }
                         (Method::Prox, Pull::Loss, _) => {
-                            let mut total = (g * lambda)?;
-                            if selected && pull > 0.0 {
-                                let x = &var.as_tensor().detach();
-                                let qx = q.quantizer.q(name, x)?;
-                                let w = weights[name].to_device(x.device())?;
-                                total = (total
-                                    + dist_loss::grad(
-                                        &x.to_dtype(DType::F32)?,
-                                        &qx.to_dtype(DType::F32)?,
-                                        &w,
-                                        names.len(),
-                                        pull,
-                                    )?)?;
-                            }
-                            self.opt.update(name, var, &total, lr, Update::Plain)?;
+                            self.opt.update(name, var, g, &lambda_clip, lr, Update::Plain)?
                         }
-                        (Method::Prox, Pull::Prox, true) => {
-                            let x = &var.as_tensor().detach();
-                            let qx = q.quantizer.q(name, x)?;
-                            let coef = dist_loss::prox_coefficient(pull, &weights[name].to_device(x.device())?, lr)?;
-                            self.opt.update(
-                                name,
-                                var,
-                                g,
-                                lr,
-                                Update::Prox {
-                                    task_scale: lambda,
-                                    pull: &coef,
-                                    q: &qx,
-                                },
-                            )?;
+                        (Method::Prox, Pull::Prox, Some(grid)) => {
+                            let coef = dist_loss::prox_coefficient(pull, &weight()?, lr)?;
+                            let how = Update::Prox {
+                                task_scale: lambda,
+                                pull: &coef,
+                                grid,
+                            };
+                            self.opt.update(name, var, g, &clip, lr, how)?;
                         }
-                        _ => self.opt.update(name, var, g, lr, Update::Plain)?,
+                        _ => self.opt.update(name, var, g, &clip, lr, Update::Plain)?,
                     }
                 }
                 if qc.method == Method::Prox {

@@ -1,0 +1,342 @@
+// proxqat's fused CUDA kernels. Compiled to PTX by build.rs (nvcc --ptx) when the `cuda` feature is on and
+// loaded through candle's custom ops (src/fused/). Every kernel has a CPU twin with the same semantics in
+// the same Rust module; scripts/gpu-check.sh compares the two on the GPU.
+//
+// Conventions: statistics and accumulations in f32 whatever the storage type; one block per row for row
+// ops (blockDim a multiple of 32); rows are contiguous; pointers are raw device addresses.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Block-wide reductions: every thread gets the result. `scratch` holds 32 floats.
+__device__ float block_sum(float v, float *scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // the previous reduction's readers are done with scratch
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? scratch[threadIdx.x] : 0.f;
+  if (warp == 0) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    if (lane == 0) scratch[0] = v;
+  }
+  __syncthreads();
+  return scratch[0];
+}
+
+__device__ float block_max(float v, float *scratch) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? scratch[threadIdx.x] : -INFINITY;
+  if (warp == 0) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    if (lane == 0) scratch[0] = v;
+  }
+  __syncthreads();
+  return scratch[0];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// RMSNorm: y = x · rsqrt(mean(x²) + eps) · w, x and w f32, y in TOUT.
+template <typename TOUT>
+__device__ void rms_norm_fwd(const float *x, const float *w, TOUT *y, int d, float eps) {
+  __shared__ float scratch[32];
+  const float *xr = x + (size_t)blockIdx.x * d;
+  TOUT *yr = y + (size_t)blockIdx.x * d;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+  const float inv = rsqrtf(block_sum(ss, scratch) / d + eps);
+  for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = from_f<TOUT>(xr[i] * inv * w[i]);
+}
+
+// Backward, per row: dx = inv · (gw − x̂ · mean(gw · x̂)) with gw = gy · w, x̂ = x · inv; writes `inv`.
+template <typename TG>
+__device__ void rms_norm_bwd_dx(const float *x, const float *w, const TG *gy, float *dx, float *inv_out, int d,
+                                float eps) {
+  __shared__ float scratch[32];
+  const size_t row = blockIdx.x;
+  const float *xr = x + row * d;
+  const TG *gr = gy + row * d;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+  const float inv = rsqrtf(block_sum(ss, scratch) / d + eps);
+  float dot = 0.f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) dot += to_f(gr[i]) * w[i] * xr[i];
+  const float mean_dot = block_sum(dot, scratch) * inv * inv / d;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) dx[row * d + i] = inv * (to_f(gr[i]) * w[i] - xr[i] * mean_dot);
+  if (threadIdx.x == 0) inv_out[row] = inv;
+}
+
+// dw partial sums over `chunk` rows: part[c, j] = Σ_{r in chunk c} gy[r, j] · x[r, j] · inv[r]. Deterministic.
+template <typename TG>
+__device__ void rms_norm_bwd_dw(const float *x, const TG *gy, const float *inv, float *part, int n, int d,
+                                int chunk) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  const int r0 = blockIdx.y * chunk;
+  const int r1 = min(n, r0 + chunk);
+  float acc = 0.f;
+  for (int r = r0; r < r1; ++r) acc += to_f(gy[(size_t)r * d + j]) * x[(size_t)r * d + j] * inv[r];
+  part[(size_t)blockIdx.y * d + j] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Rotate-half RoPE fused with the head transpose. Forward: in (B, T, H, D) → out (B, H, T, D), rotation
+// by +angle. Backward (inverse = 1): in (B, H, T, D) → out (B, T, H, D), rotation by −angle (the transpose
+// of a rotation). cos/sin: (T, D/2) f32. One thread per (b, t, h, i < D/2) pair.
+template <typename T>
+__device__ void rope(const T *in, T *out, const float *cos_t, const float *sin_t, int b, int t, int h, int d,
+                     int inverse) {
+  const int half = d / 2;
+  const size_t total = (size_t)b * t * h * half;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+    const int i = e % half;
+    const int hh = (e / half) % h;
+    const int tt = (e / ((size_t)half * h)) % t;
+    const int bb = e / ((size_t)half * h * t);
+    const size_t bthd = (((size_t)bb * t + tt) * h + hh) * d;
+    const size_t bhtd = (((size_t)bb * h + hh) * t + tt) * d;
+    const size_t src = inverse ? bhtd : bthd, dst = inverse ? bthd : bhtd;
+    const float c = cos_t[tt * half + i];
+    const float s = inverse ? -sin_t[tt * half + i] : sin_t[tt * half + i];
+    const float x1 = to_f(in[src + i]), x2 = to_f(in[src + i + half]);
+    out[dst + i] = from_f<T>(x1 * c - x2 * s);
+    out[dst + i + half] = from_f<T>(x2 * c + x1 * s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Causal softmax over score rows (f32) of length t; row r is query position r % t: p_j = softmax(scale·s)_j
+// for j ≤ r % t, 0 above the diagonal. Probabilities stored in TOUT.
+template <typename TOUT>
+__device__ void causal_softmax_fwd(const float *s, TOUT *p, int t, float scale) {
+  __shared__ float scratch[32];
+  const size_t row = blockIdx.x;
+  const int last = row % t;
+  const float *sr = s + row * t;
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, sr[j] * scale);
+  m = block_max(m, scratch);
+  float z = 0.f;
+  for (int j = threadIdx.x; j <= last; j += blockDim.x) z += __expf(sr[j] * scale - m);
+  const float inv_z = 1.f / block_sum(z, scratch);
+  for (int j = threadIdx.x; j < t; j += blockDim.x)
+    p[row * t + j] = from_f<TOUT>(j <= last ? __expf(sr[j] * scale - m) * inv_z : 0.f);
+}
+
+// Backward from the scores (p recomputed in f32): ds_j = scale · p_j · (gp_j − Σ_k gp_k p_k).
+template <typename TG>
+__device__ void causal_softmax_bwd(const float *s, const TG *gp, float *ds, int t, float scale) {
+  __shared__ float scratch[32];
+  const size_t row = blockIdx.x;
+  const int last = row % t;
+  const float *sr = s + row * t;
+  const TG *gr = gp + row * t;
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, sr[j] * scale);
+  m = block_max(m, scratch);
+  float z = 0.f, zg = 0.f;
+  for (int j = threadIdx.x; j <= last; j += blockDim.x) {
+    const float e = __expf(sr[j] * scale - m);
+    z += e;
+    zg += e * to_f(gr[j]);
+  }
+  z = block_sum(z, scratch);
+  const float dot = block_sum(zg, scratch) / z;
+  for (int j = threadIdx.x; j < t; j += blockDim.x)
+    ds[row * t + j] = j <= last ? scale * __expf(sr[j] * scale - m) / z * (to_f(gr[j]) - dot) : 0.f;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// SwiGLU: out = silu(gate) · up; backward writes d_gate then d_up into one (2, n) buffer.
+template <typename T>
+__device__ void swiglu_fwd(const T *gate, const T *up, T *out, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float g = to_f(gate[i]);
+    out[i] = from_f<T>(g / (1.f + __expf(-g)) * to_f(up[i]));
+  }
+}
+
+template <typename T>
+__device__ void swiglu_bwd(const T *gate, const T *up, const T *gout, T *grads, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float g = to_f(gate[i]), u = to_f(up[i]), go = to_f(gout[i]);
+    const float sig = 1.f / (1.f + __expf(-g));
+    grads[i] = from_f<T>(go * u * sig * (1.f + g * (1.f - sig)));
+    grads[n + i] = from_f<T>(go * g * sig);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Cross-entropy over vocabulary rows, one block per row. out (N, 2) f32: [nll or 0 if ignored, logsumexp].
+// target = 0xFFFFFFFF means ignored.
+template <typename T>
+__device__ void cross_entropy_fwd(const T *logits, const uint32_t *target, float *out, int v) {
+  __shared__ float scratch[32];
+  const size_t row = blockIdx.x;
+  const T *lr = logits + row * v;
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, to_f(lr[j]));
+  m = block_max(m, scratch);
+  float z = 0.f;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) z += __expf(to_f(lr[j]) - m);
+  const float lse = m + logf(block_sum(z, scratch));
+  if (threadIdx.x == 0) {
+    const uint32_t t = target[row];
+    out[2 * row] = t == 0xFFFFFFFFu ? 0.f : lse - to_f(lr[t]);
+    out[2 * row + 1] = lse;
+  }
+}
+
+// d logits_j = (g_nll + g_lse) · softmax_j − g_nll · [j = target]  (g_nll = 0 for ignored rows).
+template <typename T>
+__device__ void cross_entropy_bwd(const T *logits, const uint32_t *target, const float *res, const float *gres,
+                                  T *dlogits, int v) {
+  const size_t row = blockIdx.x;
+  const uint32_t t = target[row];
+  const float g_nll = t == 0xFFFFFFFFu ? 0.f : gres[2 * row];
+  const float g_lse = gres[2 * row + 1];
+  const float lse = res[2 * row + 1];
+  const T *lr = logits + row * v;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) {
+    const float p = __expf(to_f(lr[j]) - lse);
+    dlogits[row * v + j] = from_f<T>((g_nll + g_lse) * p - (j == (int)t ? g_nll : 0.f));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Σ x² of one f32 tensor into one partial per block (grid-stride, fixed grid: deterministic).
+extern "C" __global__ void sum_squares_f32(const float *x, float *partials, size_t n) {
+  __shared__ float scratch[32];
+  float acc = 0.f;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    acc += x[i] * x[i];
+  acc = block_sum(acc, scratch);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+// AdamW (PyTorch's formula) on f32 master weights and f32 moments, in place, one pass per tensor, with
+// the Prox-QAT treatment of a selected tensor folded in (spec §7):
+//   g ← g · clip;  dist-grad mode: g ← task_scale · g + pull · (x − q)   (the dist term's gradient)
+//   m ← β1 m + (1−β1) g,  v ← β2 v + (1−β2) g²,  dir = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps)
+//   plain / dist-grad: x ← x − lr (dir + wd x);   prox: x ← x − lr (pull (x − q) + task_scale (dir + wd x)).
+// q is computed here from the uniform grid (scale per `group` consecutive elements, codes clamped to
+// ±half_levels, ties to even: the CPU grid's exact arithmetic) or read from `q` (level grids).
+// clip and pull are 0-d device values: no host round-trip.
+#define ADAMW_PLAIN 0
+#define ADAMW_DIST_GRAD 1
+#define ADAMW_PROX 2
+struct AdamWArgs {
+  float lr, beta1, beta2, bc1, bc2, eps, weight_decay, task_scale;
+  int mode;
+  float half_levels;
+  unsigned long long group;
+};
+
+__device__ __forceinline__ float grid_point(float x, const float *q, const float *scale, const AdamWArgs &a,
+                                            size_t i) {
+  if (scale == nullptr) return q[i];
+  const float s = scale[i / a.group];
+  return fminf(fmaxf(rintf(x / s), -a.half_levels), a.half_levels) * s;
+}
+
+extern "C" __global__ void adamw_f32(float *x, float *m, float *v, const float *g, const float *clip,
+                                     const float *pull, const float *q, const float *scale, AdamWArgs a,
+                                     size_t n) {
+  const float factor = *clip;
+  const float c = a.mode != ADAMW_PLAIN ? *pull : 0.f;
+  const float sqrt_bc2 = sqrtf(a.bc2);
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float xi = x[i];
+    const float qi = a.mode != ADAMW_PLAIN ? grid_point(xi, q, scale, a, i) : 0.f;
+    float gi = g[i] * factor;
+    if (a.mode == ADAMW_DIST_GRAD) gi = a.task_scale * gi + c * (xi - qi);
+    const float mi = a.beta1 * m[i] + (1.f - a.beta1) * gi;
+    const float vi = a.beta2 * v[i] + (1.f - a.beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    const float dir = (mi / a.bc1) / (sqrtf(vi) / sqrt_bc2 + a.eps);
+    const float task = dir + a.weight_decay * xi;
+    x[i] = a.mode == ADAMW_PROX ? xi - a.lr * (c * (xi - qi) + a.task_scale * task) : xi - a.lr * task;
+  }
+}
+
+// The straight-through quantized view's forward: q(x) on a uniform grid (the same arithmetic as the
+// optimizer's grid_point), f32 in and out. Its backward is the identity and needs no kernel.
+extern "C" __global__ void ste_quantize_f32(const float *x, const float *scale, unsigned long long group,
+                                            float half_levels, float *out, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float s = scale[i / group];
+    out[i] = fminf(fmaxf(rintf(x[i] / s), -half_levels), half_levels) * s;
+  }
+}
+
+// Grid statistics of one f32 tensor on a uniform grid, one pass: per block, [hits (|x − q| ≤ atol),
+// q at an outermost level, |x| beyond L·s, Σ|x − q|] → partials[4 · blockIdx + k] (summed in f64 after).
+extern "C" __global__ void grid_counts_f32(const float *x, const float *scale, unsigned long long group,
+                                           float half_levels, float atol, float *partials, size_t n) {
+  __shared__ float scratch[32];
+  float hit = 0.f, sat_q = 0.f, sat_w = 0.f, err = 0.f;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float s = scale[i / group];
+    const float code = fminf(fmaxf(rintf(x[i] / s), -half_levels), half_levels);
+    const float e = fabsf(x[i] - code * s);
+    hit += e <= atol;
+    sat_q += fabsf(code) == half_levels;
+    sat_w += fabsf(x[i]) > half_levels * s;
+    err += e;
+  }
+  const float sums[4] = {block_sum(hit, scratch), block_sum(sat_q, scratch), block_sum(sat_w, scratch),
+                         block_sum(err, scratch)};
+  if (threadIdx.x < 4) partials[4 * blockIdx.x + threadIdx.x] = sums[threadIdx.x];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// extern "C" entry points, one per storage type.
+#define ROW_OPS(SUF, T)                                                                                          \
+  extern "C" __global__ void rms_norm_fwd_##SUF(const float *x, const float *w, T *y, int d, float eps) {       \
+    rms_norm_fwd<T>(x, w, y, d, eps);                                                                            \
+  }                                                                                                              \
+  extern "C" __global__ void rms_norm_bwd_dx_##SUF(const float *x, const float *w, const T *gy, float *dx,      \
+                                                   float *inv, int d, float eps) {                               \
+    rms_norm_bwd_dx<T>(x, w, gy, dx, inv, d, eps);                                                               \
+  }                                                                                                              \
+  extern "C" __global__ void rms_norm_bwd_dw_##SUF(const float *x, const T *gy, const float *inv, float *part,  \
+                                                   int n, int d, int chunk) {                                    \
+    rms_norm_bwd_dw<T>(x, gy, inv, part, n, d, chunk);                                                           \
+  }                                                                                                              \
+  extern "C" __global__ void rope_##SUF(const T *in, T *out, const float *c, const float *s, int b, int t,      \
+                                        int h, int d, int inverse) {                                             \
+    rope<T>(in, out, c, s, b, t, h, d, inverse);                                                                 \
+  }                                                                                                              \
+  extern "C" __global__ void causal_softmax_fwd_##SUF(const float *s, T *p, int t, float scale) {               \
+    causal_softmax_fwd<T>(s, p, t, scale);                                                                       \
+  }                                                                                                              \
+  extern "C" __global__ void causal_softmax_bwd_##SUF(const float *s, const T *gp, float *ds, int t,             \
+                                                      float scale) {                                             \
+    causal_softmax_bwd<T>(s, gp, ds, t, scale);                                                                  \
+  }                                                                                                              \
+  extern "C" __global__ void swiglu_fwd_##SUF(const T *g, const T *u, T *o, size_t n) {                         \
+    swiglu_fwd<T>(g, u, o, n);                                                                                   \
+  }                                                                                                              \
+  extern "C" __global__ void swiglu_bwd_##SUF(const T *g, const T *u, const T *go, T *gr, size_t n) {           \
+    swiglu_bwd<T>(g, u, go, gr, n);                                                                              \
+  }                                                                                                              \
+  extern "C" __global__ void cross_entropy_fwd_##SUF(const T *l, const uint32_t *t, float *o, int v) {          \
+    cross_entropy_fwd<T>(l, t, o, v);                                                                            \
+  }                                                                                                              \
+  extern "C" __global__ void cross_entropy_bwd_##SUF(const T *l, const uint32_t *t, const float *r,             \
+                                                     const float *g, T *dl, int v) {                             \
+    cross_entropy_bwd<T>(l, t, r, g, dl, v);                                                                     \
+  }
+
+ROW_OPS(f32, float)
+ROW_OPS(bf16, __nv_bfloat16)

@@ -1,0 +1,174 @@
+//! The optimizer's fused passes on CUDA: one in-place AdamW kernel per f32 tensor (gradient clipping,
+//! the grid point q(x) and the Prox-QAT pull folded in, factors read on the device) and a deterministic
+//! Σx² (global norm, sensitivity EMA).
+//! Their CPU path is the reference AdamW of `train::optim` (candle ops, the same formula), which
+//! `proxqat gpu-check parity` compares them with.
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::quant::grid::TensorGrid;
+
+/// The scalars of one AdamW step (the kernel's `AdamWArgs`, field for field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWArgs {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    /// Bias corrections 1 − β^t.
+    pub bc1: f32,
+    pub bc2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// λ: scales the task gradient (dist-grad mode) or the task step (prox mode).
+    pub task_scale: f32,
+    mode: i32,
+    half_levels: f32,
+    group: u64,
+}
+
+#[cfg(feature = "cuda")]
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for AdamWArgs {}
+
+impl AdamWArgs {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(lr: f64, beta1: f64, beta2: f64, bc1: f64, bc2: f64, eps: f64, weight_decay: f64) -> Self {
+        AdamWArgs {
+            lr: lr as f32,
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            bc1: bc1 as f32,
+            bc2: bc2 as f32,
+            eps: eps as f32,
+            weight_decay: weight_decay as f32,
+            task_scale: 1.0,
+            mode: 0,
+            half_levels: 0.0,
+            group: 0,
+        }
+    }
+}
+
+/// How a parameter's AdamW step is applied: plainly, or with the Prox-QAT pull toward its grid point.
+pub enum Update<'a> {
+    /// `x − η·(AdamDir + wd·x)`.
+    Plain,
+    /// `g ← task_scale·g + coef·(x − q)` before AdamW (`pull = "loss"`).
+    DistGrad {
+        task_scale: f64,
+        coef: &'a Tensor,
+        grid: &'a TensorGrid,
+    },
+    /// `x ← x − lr·(pull·(x − q) + task_scale·(AdamDir + wd·x))` (`pull = "prox"`); `pull` is already
+    /// clamped so that lr·pull ≤ 1.
+    Prox {
+        task_scale: f64,
+        pull: &'a Tensor,
+        grid: &'a TensorGrid,
+    },
+}
+
+/// Whether the in-place CUDA kernel takes this update (f32 weight and gradient on a CUDA device).
+pub fn applies(x: &Tensor, g: &Tensor) -> bool {
+    cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32 && g.dtype() == DType::F32
+}
+
+/// One AdamW step of `x` in place, with `m`, `v` (f32, x's shape) updated in place too; `clip` is the
+/// 0-d clipping factor. A uniform grid's q(x) is computed inside the kernel; a level grid's is passed.
+/// Only when `applies(x, g)`.
+#[cfg(feature = "cuda")]
+pub fn step_in_place(
+    x: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    clip: &Tensor,
+    update: &Update,
+    mut args: AdamWArgs,
+) -> Result<()> {
+    use super::cuda::{self, Arg};
+    let op = "fused-adamw";
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        candle_core::bail!("{op}: not a CUDA tensor")
+    };
+    let f32_contiguous = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let (coef, grid) = match *update {
+        Update::Plain => (None, None),
+        Update::DistGrad { task_scale, coef, grid } => {
+            (args.mode, args.task_scale) = (1, task_scale as f32);
+            (Some(f32_contiguous(coef)?), Some(grid))
+        }
+        Update::Prox { task_scale, pull, grid } => {
+            (args.mode, args.task_scale) = (2, task_scale as f32);
+            (Some(f32_contiguous(pull)?), Some(grid))
+        }
+    };
+    let (q, scale) = match grid {
+        Some(TensorGrid::Uniform { scale, half_levels, .. }) => {
+            args.half_levels = *half_levels as f32;
+            args.group = (x.elem_count() / scale.elem_count()) as u64;
+            (None, Some(f32_contiguous(scale)?))
+        }
+        Some(levels) => (
+            Some(f32_contiguous(&levels.quantize(x).map_err(candle_core::Error::wrap)?)?),
+            None,
+        ),
+        None => (None, None),
+    };
+    let g = g.contiguous()?;
+    let clip = f32_contiguous(clip)?;
+    let address = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0u64), |t| cuda::tensor_ptr(t, op));
+    // SAFETY (aliasing): x, m and v are written through their addresses while candle sees them as
+    // immutable. Nothing else reads them in between: the step's graph is dropped and the single stream
+    // orders this kernel after every earlier use.
+    let mut all: Vec<Arg> = [x, m, v, &g, &clip]
+        .into_iter()
+        .map(|t| Ok(Arg::Ptr(cuda::tensor_ptr(t, op)?)))
+        .collect::<Result<_>>()?;
+    all.extend([address(&coef)?, address(&q)?, address(&scale)?].map(Arg::Ptr));
+    all.extend([Arg::AdamW(args), Arg::Len(x.elem_count())]);
+    cuda::launch(dev, "adamw_f32", cuda::elementwise(x.elem_count()), &all)
+}
+
+/// Blocks per tensor of the Σx² kernel (fixed: the partial sums are added in a fixed order).
+#[cfg(feature = "cuda")]
+const SUM_BLOCKS: usize = 264;
+
+/// Σ over the tensors of Σ x², as a 0-d f32 tensor on their device (nothing read back).
+pub fn sum_squares(tensors: &[&Tensor]) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(candle_core::Device::Cuda(dev)) = tensors.first().map(|t| t.device()) {
+        if tensors.iter().all(|t| t.dtype() == DType::F32) {
+            use super::cuda::{self, Arg};
+            use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+            let op = "fused-sum-squares";
+            let partials = Tensor::zeros(tensors.len() * SUM_BLOCKS, DType::F32, tensors[0].device())?;
+            let base = cuda::tensor_ptr(&partials, op)?;
+            for (i, t) in tensors.iter().enumerate() {
+                let t = t.contiguous()?;
+                let (x, out, n) = (
+                    cuda::tensor_ptr(&t, op)?,
+                    base + (i * SUM_BLOCKS * 4) as u64,
+                    t.elem_count(),
+                );
+                let cfg = LaunchConfig {
+                    grid_dim: (SUM_BLOCKS as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                cuda::launch(dev, "sum_squares_f32", cfg, &[Arg::Ptr(x), Arg::Ptr(out), Arg::Len(n)])?;
+            }
+            return partials.sum_all();
+        }
+    }
+    let sums = tensors
+        .iter()
+        .map(|t| t.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&sums, 0)?.sum_all()
+}
+
+/// Mean of x² of one tensor, 0-d f32 on its device.
+pub fn mean_square(t: &Tensor) -> Result<Tensor> {
+    sum_squares(&[t])? / t.elem_count() as f64
+}

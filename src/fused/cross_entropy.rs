@@ -1,0 +1,152 @@
+//! Cross-entropy over the vocabulary straight from the compute-dtype logits: no f32 copy of the
+//! `(N, V)` logits, loss and log-sum-exp in one read, the gradient in one read and one write.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+
+use super::{cpu_storage, host_f64};
+
+/// The target index that means "not counted" (HF's −100).
+const IGNORED: u32 = u32::MAX;
+
+/// Token-mean cross-entropy of `logits: (N, V)` against `targets` (−100 = ignored): the loss (0-d, f32
+/// or f64) and the number of counted targets; the loss is 0 when nothing is counted.
+pub fn cross_entropy(logits: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)> {
+    let counted = targets.iter().filter(|&&t| t >= 0).count();
+    let index: Vec<u32> = targets
+        .iter()
+        .map(|&t| if t >= 0 { t as u32 } else { IGNORED })
+        .collect();
+    let op = CrossEntropy {
+        targets: Tensor::from_vec(index, targets.len(), logits.device())?,
+    };
+    let nll_lse = logits.contiguous()?.apply_op1(op)?;
+    let loss = nll_lse
+        .narrow(1, 0, 1)?
+        .sum_all()?
+        .affine(1.0 / counted.max(1) as f64, 0.0)?;
+    Ok((loss, counted))
+}
+
+/// `logits (N, V)` → `(N, 2)`: [nll (0 if ignored), logsumexp], f32 (f64 for f64 logits).
+struct CrossEntropy {
+    targets: Tensor,
+}
+
+/// `(logits, forward result, its gradient)` → grad of the logits, in the logits' dtype.
+struct CrossEntropyBwd {
+    targets: Tensor,
+}
+
+fn stat_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+fn host_targets(t: &Tensor) -> Result<Vec<u32>> {
+    t.to_device(&Device::Cpu)?.to_vec1::<u32>()
+}
+
+fn log_sum_exp(row: &[f64]) -> f64 {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+    max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln()
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l.shape().dims2()?;
+        let logits = host_f64(s, l, self.name())?;
+        let targets = host_targets(&self.targets)?;
+        let mut out = Vec::with_capacity(2 * n);
+        for (row, &t) in logits.chunks(v).zip(&targets) {
+            let lse = log_sum_exp(row);
+            out.push(if t == IGNORED { 0.0 } else { lse - row[t as usize] });
+            out.push(lse);
+        }
+        Ok((cpu_storage(out, stat_dtype(s.dtype()))?, Shape::from((n, 2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, Arg};
+        let op = self.name();
+        let (n, v) = l.shape().dims2()?;
+        let (logits, targets) = (cuda::ptr(s, l, op)?, cuda::tensor_ptr(&self.targets, op)?);
+        let (out, res) = cuda::alloc(&s.device, DType::F32, 2 * n, op)?;
+        let name = format!("cross_entropy_fwd_{}", cuda::suffix(s.dtype(), op)?);
+        let args = [Arg::Ptr(logits), Arg::Ptr(targets), Arg::Ptr(res), Arg::I32(v as i32)];
+        cuda::launch(&s.device, &name, cuda::rows(n, 1024), &args)?;
+        Ok((out, Shape::from((n, 2))))
+    }
+
+    fn bwd(&self, logits: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = CrossEntropyBwd {
+            targets: self.targets.clone(),
+        };
+        Ok(Some(logits.apply_op3_no_bwd(res, &grad.contiguous()?, &op)?))
+    }
+}
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (_, v) = ll.shape().dims2()?;
+        let (logits, res, grad) = (host_f64(ls, ll, op)?, host_f64(rs, rl, op)?, host_f64(gs, gl, op)?);
+        let targets = host_targets(&self.targets)?;
+        let mut out = Vec::with_capacity(logits.len());
+        for (r, (row, &t)) in logits.chunks(v).zip(&targets).enumerate() {
+            let g_nll = if t == IGNORED { 0.0 } else { grad[2 * r] };
+            let (g_lse, lse) = (grad[2 * r + 1], res[2 * r + 1]);
+            out.extend(row.iter().enumerate().map(|(j, x)| {
+                let onehot = if j == t as usize { g_nll } else { 0.0 };
+                (g_nll + g_lse) * (x - lse).exp() - onehot
+            }));
+        }
+        Ok((cpu_storage(out, ls.dtype())?, ll.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        rs: &candle_core::CudaStorage,
+        rl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, Arg};
+        let op = self.name();
+        let (n, v) = ll.shape().dims2()?;
+        if rs.dtype() != DType::F32 || gs.dtype() != DType::F32 {
+            candle_core::bail!("{op}: the forward result and its gradient must be f32");
+        }
+        let (logits, res, grad) = (cuda::ptr(ls, ll, op)?, cuda::ptr(rs, rl, op)?, cuda::ptr(gs, gl, op)?);
+        let targets = cuda::tensor_ptr(&self.targets, op)?;
+        let (out, dl) = cuda::alloc(&ls.device, ls.dtype(), n * v, op)?;
+        let name = format!("cross_entropy_bwd_{}", cuda::suffix(ls.dtype(), op)?);
+        let ptrs = [logits, targets, res, grad, dl].map(Arg::Ptr);
+        let args: Vec<Arg> = ptrs.into_iter().chain([Arg::I32(v as i32)]).collect();
+        cuda::launch(&ls.device, &name, cuda::rows(n, 1024), &args)?;
+        Ok((out, ll.shape().clone()))
+    }
+}

@@ -1,0 +1,179 @@
+//! Fused kernels with backward: one CUDA kernel (kernels/proxqat.cu) per op and direction where plain
+//! candle launches one kernel per elementwise step and keeps every intermediate alive.
+//!
+//! Each op is a candle custom op with a CPU path of the same semantics (computed in f64 on the host: the
+//! finite-difference tests run through it) and a CUDA path (f32 statistics, f32 or bf16 storage). The
+//! reference compositions of candle primitives stay in `model::ops`; tests compare the two on the CPU and
+//! `proxqat gpu-check parity` compares the CUDA kernels with them on the GPU.
+//!
+//! Backward passes are applied with `apply_op*_no_bwd`: a gradient built with tracking would hold the
+//! forward's arguments, hence the whole micro-batch graph, alive for as long as the accumulated
+//! gradient lives (seen on the GPU: +3.3 GB per micro-batch at Llama-3.2-1B shape).
+
+pub mod adamw;
+pub mod cross_entropy;
+pub mod grid;
+pub mod rms_norm;
+pub mod rope;
+pub mod softmax;
+pub mod ste;
+pub mod swiglu;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result};
+
+/// Which implementation the model's building blocks use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// The fused custom ops of this module (the default).
+    #[default]
+    Fused,
+    /// Compositions of candle primitives (`model::ops`): the independent reference.
+    Reference,
+}
+
+fn contiguous_range(layout: &Layout, op: &str) -> Result<(usize, usize)> {
+    layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))
+}
+
+/// The elements of a contiguous CPU tensor as f64.
+pub(crate) fn host_f64(storage: &CpuStorage, layout: &Layout, op: &str) -> Result<Vec<f64>> {
+    let (start, end) = contiguous_range(layout, op)?;
+    Ok(match storage {
+        CpuStorage::F64(v) => v[start..end].to_vec(),
+        CpuStorage::F32(v) => v[start..end].iter().map(|&x| x as f64).collect(),
+        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f64()).collect(),
+        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f64()).collect(),
+        CpuStorage::U32(v) => v[start..end].iter().map(|&x| x as f64).collect(),
+        other => candle_core::bail!("{op}: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// A statistic kept in the precision the CUDA kernels keep it in: f32, unless the data is f64. This is
+/// what makes overflow behave alike on both paths (a row of 1e30s has mean square inf, not 1e60).
+pub(crate) fn as_kernel_stat(v: f64, data: DType) -> f64 {
+    if data == DType::F64 {
+        v
+    } else {
+        v as f32 as f64
+    }
+}
+
+/// Host values rounded to `dtype`.
+pub(crate) fn cpu_storage(values: Vec<f64>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F64 => CpuStorage::F64(values),
+        DType::F32 => CpuStorage::F32(values.into_iter().map(|x| x as f32).collect()),
+        DType::BF16 => CpuStorage::BF16(values.into_iter().map(half::bf16::from_f64).collect()),
+        DType::F16 => CpuStorage::F16(values.into_iter().map(half::f16::from_f64).collect()),
+        other => candle_core::bail!("fused ops: unsupported output dtype {other:?}"),
+    })
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    //! Loading kernels/proxqat.cu and handing raw device addresses to its kernels.
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+    use candle_core::{DType, Layout, Result, Storage, Tensor};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/proxqat.ptx"));
+
+    /// A kernel argument (device addresses as raw u64).
+    pub enum Arg {
+        Ptr(u64),
+        U64(u64),
+        I32(i32),
+        F32(f32),
+        Len(usize),
+        AdamW(super::adamw::AdamWArgs),
+    }
+
+    /// Launch kernel `name` of kernels/proxqat.cu on the device's stream.
+    pub fn launch(device: &CudaDevice, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let f = device.get_or_load_custom_func(name, "proxqat", PTX)?;
+        let mut b = f.builder();
+        for a in args {
+            match a {
+                Arg::Ptr(v) | Arg::U64(v) => b.arg(v),
+                Arg::I32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+                Arg::Len(v) => b.arg(v),
+                Arg::AdamW(v) => b.arg(v),
+            };
+        }
+        // SAFETY: every kernel's parameter list matches the Arg list its caller builds.
+        unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        Ok(())
+    }
+
+    /// The kernel-name suffix of a storage dtype (the kernels exist for f32 and bf16).
+    pub fn suffix(dtype: DType, op: &str) -> Result<&'static str> {
+        match dtype {
+            DType::F32 => Ok("f32"),
+            DType::BF16 => Ok("bf16"),
+            other => candle_core::bail!("{op}: no CUDA kernel for {other:?} (f32 and bf16 only)"),
+        }
+    }
+
+    /// Device address of the first element of a contiguous tensor's view.
+    pub fn ptr(storage: &CudaStorage, layout: &Layout, op: &str) -> Result<u64> {
+        let (start, _) = super::contiguous_range(layout, op)?;
+        let (base, size) = match &storage.slice {
+            CudaStorageSlice::F32(s) => (s.device_ptr(s.stream()).0, 4),
+            CudaStorageSlice::BF16(s) => (s.device_ptr(s.stream()).0, 2),
+            CudaStorageSlice::U32(s) => (s.device_ptr(s.stream()).0, 4),
+            _ => candle_core::bail!("{op}: unsupported dtype {:?}", storage.dtype()),
+        };
+        Ok(base + (start * size) as u64)
+    }
+
+    /// Device address of a (contiguous, CUDA) tensor held outside the op's arguments. The caller keeps
+    /// the tensor alive until the launch is enqueued; the single stream orders everything after it.
+    pub fn tensor_ptr(t: &Tensor, op: &str) -> Result<u64> {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => ptr(s, layout, op),
+            _ => candle_core::bail!("{op}: tensor is not on the CUDA device"),
+        }
+    }
+
+    /// A fresh uninitialised buffer of `n` elements and its address.
+    pub fn alloc(device: &CudaDevice, dtype: DType, n: usize, op: &str) -> Result<(CudaStorage, u64)> {
+        // SAFETY: every kernel that receives a buffer from here writes all of its elements.
+        let storage = match dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<f32>(n)? }, device.clone()),
+            DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<half::bf16>(n)? }, device.clone()),
+            other => candle_core::bail!("{op}: no CUDA kernel for {other:?}"),
+        };
+        let address = ptr(&storage, &Layout::contiguous(n), op)?;
+        Ok((storage, address))
+    }
+
+    pub fn rows(rows: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Grid-stride launch over `n` elements.
+    pub fn elementwise(n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Threads per block for a row of `len` elements: a warp multiple, at most 1024.
+    pub fn threads_for(len: usize) -> u32 {
+        (len.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
+    }
+}

@@ -1,0 +1,167 @@
+//! RMSNorm `y = x · rsqrt(mean(x²) + eps) · w`, written straight into the compute dtype, with a backward
+//! that recomputes the inverse RMS instead of keeping the normalised activations.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+
+use super::{as_kernel_stat, cpu_storage, host_f64};
+
+/// `x: (.., d)` in the master dtype, `w: (d)`; the result is in `out` (the matmul input dtype).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, out: DType) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps, out })
+}
+
+struct RmsNorm {
+    eps: f64,
+    out: DType,
+}
+
+/// Backward: `(x, w, gy)` → one `(n + chunks, d)` buffer: dx in the first n rows, partial sums of dw in
+/// the last `chunks` rows (summed in a fixed order afterwards: deterministic).
+struct RmsNormBwd {
+    eps: f64,
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of one row, the mean kept as the kernel keeps it.
+fn inv_rms(row: &[f64], eps: f64, data: DType) -> f64 {
+    let mean_square = as_kernel_stat(row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64, data);
+    1.0 / (mean_square + eps).sqrt()
+}
+
+fn rows_and_width(layout: &Layout) -> Result<(usize, usize)> {
+    let d = layout.dims().last().copied().unwrap_or(1);
+    Ok((layout.shape().elem_count() / d.max(1), d))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (host_f64(xs, xl, self.name())?, host_f64(ws, wl, self.name())?);
+        let (_, d) = rows_and_width(xl)?;
+        let mut y = Vec::with_capacity(x.len());
+        for row in x.chunks(d) {
+            let inv = inv_rms(row, self.eps, xs.dtype());
+            y.extend(row.iter().zip(&w).map(|(v, g)| v * inv * g));
+        }
+        Ok((cpu_storage(y, self.out)?, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, Arg};
+        let op = self.name();
+        if xs.dtype() != DType::F32 || ws.dtype() != DType::F32 {
+            candle_core::bail!("{op}: CUDA path takes f32 x and w");
+        }
+        let (n, d) = rows_and_width(xl)?;
+        let dev = &xs.device;
+        let (x, w) = (cuda::ptr(xs, xl, op)?, cuda::ptr(ws, wl, op)?);
+        let (out, y) = cuda::alloc(dev, self.out, n * d, op)?;
+        let name = format!("rms_norm_fwd_{}", cuda::suffix(self.out, op)?);
+        let args = [
+            Arg::Ptr(x),
+            Arg::Ptr(w),
+            Arg::Ptr(y),
+            Arg::I32(d as i32),
+            Arg::F32(self.eps as f32),
+        ];
+        cuda::launch(dev, &name, cuda::rows(n, cuda::threads_for(d)), &args)?;
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, d) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
+        let packed = x.apply_op3_no_bwd(w, &gy.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let chunks = packed.dim(0)? - n;
+        let dw = packed.narrow(0, n, chunks)?.sum(0)?.reshape(d)?.to_dtype(w.dtype())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// Rows per dw partial sum on the GPU.
+#[cfg(feature = "cuda")]
+const DW_CHUNK: usize = 64;
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (x, w, gy) = (host_f64(xs, xl, op)?, host_f64(ws, wl, op)?, host_f64(gs, gl, op)?);
+        let (n, d) = rows_and_width(xl)?;
+        let mut packed = Vec::with_capacity((n + 1) * d);
+        let mut dw = vec![0.0; d];
+        for (row, grow) in x.chunks(d).zip(gy.chunks(d)) {
+            let inv = inv_rms(row, self.eps, xs.dtype());
+            let dot = as_kernel_stat((0..d).map(|i| grow[i] * w[i] * row[i]).sum(), xs.dtype());
+            let mean_dot = dot * inv * inv / d as f64;
+            packed.extend((0..d).map(|i| inv * (grow[i] * w[i] - row[i] * mean_dot)));
+            (0..d).for_each(|i| dw[i] += grow[i] * row[i] * inv);
+        }
+        packed.extend(dw);
+        Ok((cpu_storage(packed, xs.dtype())?, Shape::from((n + 1, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, Arg};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        let op = self.name();
+        let (n, d) = rows_and_width(xl)?;
+        let chunks = n.div_ceil(DW_CHUNK);
+        let dev = &xs.device;
+        let (x, w, gy) = (cuda::ptr(xs, xl, op)?, cuda::ptr(ws, wl, op)?, cuda::ptr(gs, gl, op)?);
+        let (out, dx) = cuda::alloc(dev, DType::F32, (n + chunks) * d, op)?;
+        let (_inv_buf, inv) = cuda::alloc(dev, DType::F32, n, op)?;
+        let part = dx + (n * d * 4) as u64;
+        let suffix = cuda::suffix(gs.dtype(), op)?;
+        let args = [x, w, gy, dx, inv].map(Arg::Ptr);
+        let args: Vec<Arg> = args
+            .into_iter()
+            .chain([Arg::I32(d as i32), Arg::F32(self.eps as f32)])
+            .collect();
+        cuda::launch(
+            dev,
+            &format!("rms_norm_bwd_dx_{suffix}"),
+            cuda::rows(n, cuda::threads_for(d)),
+            &args,
+        )?;
+        let sizes = [n, d, DW_CHUNK].map(|v| Arg::I32(v as i32));
+        let args: Vec<Arg> = [x, gy, inv, part].map(Arg::Ptr).into_iter().chain(sizes).collect();
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(128) as u32, chunks as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        cuda::launch(dev, &format!("rms_norm_bwd_dw_{suffix}"), cfg, &args)?;
+        Ok((out, Shape::from((n + chunks, d))))
+    }
+}

@@ -1,0 +1,124 @@
+//! Rotate-half RoPE fused with the head transpose: the projection output `(B, T, H·D)` goes straight to
+//! the attention layout `(B, H, T, D)`, rotated. The backward is the same kernel run the other way (the
+//! inverse rotation, which is the transpose of a rotation).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use super::{cpu_storage, host_f64};
+
+/// `x: (B, T, heads·D)` → `(B, heads, T, D)` rotated by the angle tables `cos`, `sin`: `(T, D/2)`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+    let op = Rope {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        heads,
+        inverse: false,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    heads: usize,
+    /// false: `(B, T, H·D)` → `(B, H, T, D)`, +angle. true: `(B, H, T, D)` → `(B, T, H·D)`, −angle.
+    inverse: bool,
+}
+
+impl Rope {
+    /// (B, T, H, D) of the operation whatever its direction.
+    fn dims(&self, layout: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let dims = layout.dims();
+        if self.inverse {
+            let &[b, h, t, d] = dims else {
+                candle_core::bail!("fused-rope backward: expected (B, H, T, D), got {dims:?}")
+            };
+            Ok((b, t, h, d))
+        } else {
+            let &[b, t, hd] = dims else {
+                candle_core::bail!("fused-rope: expected (B, T, H·D), got {dims:?}")
+            };
+            Ok((b, t, self.heads, hd / self.heads))
+        }
+    }
+
+    fn out_shape(&self, (b, t, h, d): (usize, usize, usize, usize)) -> Shape {
+        if self.inverse {
+            Shape::from((b, t, h * d))
+        } else {
+            Shape::from((b, h, t, d))
+        }
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, t, h, d) = self.dims(l)?;
+        let x = host_f64(s, l, self.name())?;
+        let cos = self
+            .cos
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?;
+        let sin = self
+            .sin
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?;
+        let half = d / 2;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut out = vec![0.0; x.len()];
+        for bb in 0..b {
+            for tt in 0..t {
+                for hh in 0..h {
+                    let bthd = ((bb * t + tt) * h + hh) * d;
+                    let bhtd = ((bb * h + hh) * t + tt) * d;
+                    let (src, dst) = if self.inverse { (bhtd, bthd) } else { (bthd, bhtd) };
+                    for i in 0..half {
+                        let (c, s) = (cos[tt * half + i], sign * sin[tt * half + i]);
+                        let (x1, x2) = (x[src + i], x[src + i + half]);
+                        out[dst + i] = x1 * c - x2 * s;
+                        out[dst + i + half] = x2 * c + x1 * s;
+                    }
+                }
+            }
+        }
+        Ok((cpu_storage(out, s.dtype())?, self.out_shape((b, t, h, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, Arg};
+        let op = self.name();
+        let (b, t, h, d) = self.dims(l)?;
+        let dev = &s.device;
+        let input = cuda::ptr(s, l, op)?;
+        let (cos, sin) = (cuda::tensor_ptr(&self.cos, op)?, cuda::tensor_ptr(&self.sin, op)?);
+        let (out, output) = cuda::alloc(dev, s.dtype(), b * t * h * d, op)?;
+        let name = format!("rope_{}", cuda::suffix(s.dtype(), op)?);
+        let sizes = [b, t, h, d, self.inverse as usize].map(|v| Arg::I32(v as i32));
+        let args: Vec<Arg> = [input, output, cos, sin]
+            .map(Arg::Ptr)
+            .into_iter()
+            .chain(sizes)
+            .collect();
+        cuda::launch(dev, &name, cuda::elementwise(b * t * h * d / 2), &args)?;
+        Ok((out, self.out_shape((b, t, h, d))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let back = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            heads: self.heads,
+            inverse: !self.inverse,
+        };
+        // Each direction's output layout is the other's input layout.
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}

@@ -1,0 +1,115 @@
+//! SwiGLU `silu(gate) · up` in one pass each way; the backward writes both input gradients at once.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::{cpu_storage, host_f64};
+
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+/// `(gate, up, grad)` → `(2, n)`: d gate, then d up.
+struct SwiGluBwd;
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[cfg(feature = "cuda")]
+fn launch(name: &str, storage: &candle_core::CudaStorage, ptrs: &[u64], n: usize) -> Result<()> {
+    use super::cuda::{self, Arg};
+    let kernel = format!("{name}_{}", cuda::suffix(storage.dtype(), name)?);
+    let args: Vec<Arg> = ptrs.iter().map(|&p| Arg::Ptr(p)).chain([Arg::Len(n)]).collect();
+    cuda::launch(&storage.device, &kernel, cuda::elementwise(n), &args)
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (host_f64(gs, gl, self.name())?, host_f64(us, ul, self.name())?);
+        let out = g.iter().zip(&u).map(|(g, u)| g * sigmoid(*g) * u).collect();
+        Ok((cpu_storage(out, gs.dtype())?, gl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        let (op, n) = (self.name(), gl.shape().elem_count());
+        let (out, o) = cuda::alloc(&gs.device, gs.dtype(), n, op)?;
+        launch(
+            "swiglu_fwd",
+            gs,
+            &[cuda::ptr(gs, gl, op)?, cuda::ptr(us, ul, op)?, o],
+            n,
+        )?;
+        Ok((out, gl.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluBwd)?;
+        let part = |i| both.narrow(0, i, 1)?.reshape(gate.shape());
+        Ok((Some(part(0)?), Some(part(1)?)))
+    }
+}
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        os: &CpuStorage,
+        ol: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (g, u, go) = (host_f64(gs, gl, op)?, host_f64(us, ul, op)?, host_f64(os, ol, op)?);
+        let n = g.len();
+        let mut out = vec![0.0; 2 * n];
+        for i in 0..n {
+            let s = sigmoid(g[i]);
+            out[i] = go[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            out[n + i] = go[i] * g[i] * s;
+        }
+        Ok((cpu_storage(out, gs.dtype())?, Shape::from((2, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+        os: &candle_core::CudaStorage,
+        ol: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        let (op, n) = (self.name(), gl.shape().elem_count());
+        let (out, o) = cuda::alloc(&gs.device, gs.dtype(), 2 * n, op)?;
+        let args = [
+            cuda::ptr(gs, gl, op)?,
+            cuda::ptr(us, ul, op)?,
+            cuda::ptr(os, ol, op)?,
+            o,
+        ];
+        launch("swiglu_bwd", gs, &args, n)?;
+        Ok((out, Shape::from((2, n))))
+    }
+}
