@@ -269,15 +269,24 @@ extern "C" __global__ void adamw_f32(float *x, float *m, float *v, const float *
   }
 }
 
-// The straight-through quantized view's forward: q(x) on a uniform grid (the same arithmetic as the
-// optimizer's grid_point), f32 in and out. Its backward is the identity and needs no kernel.
-extern "C" __global__ void ste_quantize_f32(const float *x, const float *scale, unsigned long long group,
+// q(x) on a uniform grid, f32 in and out (the compute copy of a straight-through quantized view; the
+// same arithmetic as the optimizer's grid_point).
+extern "C" __global__ void grid_point_f32(const float *x, const float *scale, unsigned long long group,
                                             float half_levels, float *out, size_t n) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     const float s = scale[i / group];
     out[i] = fminf(fmaxf(rintf(x[i] / s), -half_levels), half_levels) * s;
   }
 }
+
+// acc += g in f32, in place: a weight's gradient added straight into the step's accumulator.
+template <typename T>
+__device__ void accumulate(float *acc, const T *g, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    acc[i] += to_f(g[i]);
+}
+extern "C" __global__ void accumulate_f32(float *acc, const float *g, size_t n) { accumulate(acc, g, n); }
+extern "C" __global__ void accumulate_bf16(float *acc, const __nv_bfloat16 *g, size_t n) { accumulate(acc, g, n); }
 
 // Grid statistics of one f32 tensor on a uniform grid, one pass: per block, [hits (|x − q| ≤ atol),
 // q at an outermost level, |x| beyond L·s, Σ|x − q|] → partials[4 · blockIdx + k] (summed in f64 after).

@@ -75,10 +75,6 @@ pub fn parity(cuda: &Device) -> Result<bool> {
     type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
     let on = |t: &Tensor, like: &Tensor| -> Result<Tensor> { Ok(t.to_device(like.device())?.to_dtype(like.dtype())?) };
     let (cos2, sin2) = (cos.clone(), sin.clone());
-    let ste_scale = match TensorGrid::new(&GridConfig::default(), &randn(&[64, 128], 11, 0.02)?)? {
-        TensorGrid::Uniform { scale, .. } => scale,
-        TensorGrid::Levels(_) => unreachable!("the default grid is uniform"),
-    };
     let targets2 = targets.clone();
     let f32_of = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?) };
     let cases: Vec<(&str, Vec<Tensor>, OpFn)> = vec![
@@ -115,14 +111,6 @@ pub fn parity(cuda: &Device) -> Result<bool> {
                 randn(&[2, 2, 12, 16], 7, 1.0)?,
             ],
             Box::new(|x| Ok(fused::softmax::causal_attention(&x[0], &x[1], &x[2])?)),
-        ),
-        (
-            "fused ste quantize view",
-            vec![randn(&[64, 128], 11, 0.02)?],
-            Box::new(move |x| {
-                let x = f32_of(&x[0])?;
-                Ok(fused::ste::quantize_straight_through(&x, &on(&ste_scale, &x)?, 7.0)?)
-            }),
         ),
         (
             "fused swiglu",
@@ -171,13 +159,7 @@ pub fn parity(cuda: &Device) -> Result<bool> {
     ];
     for (name, inputs, f) in &cases {
         let (ref_out, ref_grads) = value_and_grads(f.as_ref(), inputs, &Device::Cpu, DType::F32)?;
-        // The quantized view reads f32 master weights only: bf16-rounded inputs change grid codes.
-        let dtypes: &[(DType, f64)] = if name.contains("ste") {
-            &[(DType::F32, 1e-4)]
-        } else {
-            &[(DType::F32, 1e-4), (DType::BF16, 2e-2)]
-        };
-        for &(dtype, tol) in dtypes {
+        for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
             let (out, grads) = value_and_grads(f.as_ref(), inputs, cuda, dtype)?;
             let mut err = rel_err(&out, &ref_out)?;
             for (g, r) in grads.iter().zip(&ref_grads) {
@@ -318,6 +300,39 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         err,
         tol: 1e-5,
     });
+    // The compute copy (plain, and on its grid): forward values, and two backward passes adding the
+    // compute-dtype gradient into the f32 accumulator.
+    let w = randn(&[64, 128], 42, 0.02)?;
+    let on_grid = match TensorGrid::new(&GridConfig::default(), &w)? {
+        TensorGrid::Uniform { scale, half_levels, .. } => fused::weight::OnGrid { scale, half_levels },
+        TensorGrid::Levels(_) => unreachable!("the default grid is uniform"),
+    };
+    for (label, grid) in [("compute copy", None), ("compute copy on grid", Some(on_grid))] {
+        let run = |device: &Device| -> Result<(Tensor, Tensor)> {
+            let w = Var::from_tensor(&w.to_device(device)?)?;
+            let acc = Tensor::zeros((64, 128), DType::F32, device)?;
+            let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
+            let grid = grid.clone().map(|g| fused::weight::OnGrid {
+                scale: g.scale.to_device(device).expect("scale to device"),
+                ..g
+            });
+            let mut copy = None;
+            for seed in [43, 44] {
+                let c = fused::weight::compute_copy_accumulating(w.as_tensor(), grid.clone(), dtype, &acc)?;
+                let probe = randn(&[64, 128], seed, 1.0)?.to_device(device)?.to_dtype(dtype)?;
+                let _ = (&c * probe)?.sum_all()?.backward()?;
+                copy = Some(c);
+            }
+            Ok((copy.expect("two passes").to_dtype(DType::F32)?, acc))
+        };
+        let ((copy, acc), (copy_ref, acc_ref)) = (run(cuda)?, run(&Device::Cpu)?);
+        rows.push(Row {
+            name: format!("fused {label} + accumulate"),
+            dtype: DType::BF16,
+            err: rel_err(&copy, &copy_ref)?.max(rel_err(&acc, &acc_ref)?),
+            tol: 2e-2,
+        });
+    }
     let parts = [randn(&[1000, 77], 40, 1.0)?, randn(&[3], 41, 1.0)?];
     let on_cuda = parts
         .iter()

@@ -363,3 +363,70 @@ fn fused_and_reference_llama_agree_on_loss_and_every_gradient() {
         }
     }
 }
+
+#[test]
+fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches() {
+    // The projections' gradients land in the accumulators (in place, across two micro-batches); the
+    // rest in the GradStore. Both must equal plain autograd's sums, with and without a weight view.
+    let cfg = LlamaConfig::tiny(40, true);
+    let params = Params::random(&cfg, 5, DType::F64, &Device::Cpu).unwrap();
+    let model = Llama::new(cfg, DType::F64, &Device::Cpu);
+    let batches = [
+        Tensor::new(&[[1u32, 5, 7, 2, 39, 11]], &Device::Cpu).unwrap(),
+        Tensor::new(&[[4u32, 4, 0, 9, 3, 8]], &Device::Cpu).unwrap(),
+    ];
+    let labels: Vec<i64> = vec![1, 5, 7, -100, 39, 11];
+    for scaled in [false, true] {
+        let view = |x: &Tensor| x.affine(if scaled { 2.0 } else { 1.0 }, 0.0);
+        let mut want: std::collections::BTreeMap<String, Tensor> = Default::default();
+        let plain = params.compute_weights(DType::F64, |_, x| Ok(view(x)?)).unwrap();
+        let acc = params.projection_accumulators().unwrap();
+        // As the training step builds them: the view (if any) on an accumulating copy.
+        let fused: std::collections::BTreeMap<String, Tensor> = params
+            .vars
+            .iter()
+            .map(|(name, var)| {
+                let x = var.as_tensor();
+                let w = match acc.get(name) {
+                    Some(a) => {
+                        let copy = fused::weight::compute_copy_accumulating(x, None, DType::F64, a).unwrap();
+                        view(&copy).unwrap()
+                    }
+                    None => view(x).unwrap(),
+                };
+                (name.clone(), w)
+            })
+            .collect();
+        let mut rest: std::collections::BTreeMap<String, Tensor> = Default::default();
+        for ids in &batches {
+            let g = model.loss(&plain, ids, &labels).unwrap().0.backward().unwrap();
+            let h = model.loss(&fused, ids, &labels).unwrap().0.backward().unwrap();
+            for (name, var) in &params.vars {
+                let add = |m: &mut std::collections::BTreeMap<String, Tensor>, t: &Tensor| {
+                    let sum = match m.remove(name) {
+                        Some(prev) => (prev + t).unwrap(),
+                        None => t.clone(),
+                    };
+                    m.insert(name.clone(), sum);
+                };
+                add(&mut want, g.get(var.as_tensor()).unwrap());
+                match h.get(var.as_tensor()) {
+                    Some(t) => add(&mut rest, t),
+                    None => assert!(acc.contains_key(name), "{name}: no gradient anywhere"),
+                }
+            }
+        }
+        for (name, w) in &want {
+            let got = acc.get(name).or(rest.get(name)).unwrap();
+            assert!(
+                max_diff(got, w) < 1e-12,
+                "{name} (scaled view {scaled}): {}",
+                max_diff(got, w)
+            );
+        }
+        assert!(
+            acc.keys().all(|n| !rest.contains_key(n)),
+            "a projection also reached its Var"
+        );
+    }
+}

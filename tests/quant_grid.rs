@@ -206,14 +206,13 @@ fn counts_hits_and_both_saturations() {
 }
 
 #[test]
-fn fused_straight_through_view_is_the_grid_point_with_gradient_one() {
+fn compute_copy_on_grid_is_the_grid_point_and_accumulates_the_gradient() {
     // Ties (x/s exactly k + 0.5), values beyond the clamp, and ordinary values, per-group scales.
     let mut rng = proxqat::rng::Rng::new(3);
     let mut v: Vec<f32> = (0..4 * 64).map(|_| 0.05 * rng.normal() as f32).collect();
     v[0] = 0.5;
     v[1] = -3.0;
-    let x = t(&v, &[4, 64]);
-    let grid = TensorGrid::new(&uniform(3, ScaleKind::Group, None), &x).unwrap();
+    let grid = TensorGrid::new(&uniform(3, ScaleKind::Group, None), &t(&v, &[4, 64])).unwrap();
     let TensorGrid::Uniform { scale, half_levels, .. } = &grid else {
         unreachable!()
     };
@@ -221,7 +220,12 @@ fn fused_straight_through_view_is_the_grid_point_with_gradient_one() {
     let s0 = scale.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
     v[2] = 1.5 * s0;
     let x = candle_core::Var::from_tensor(&t(&v, &[4, 64])).unwrap();
-    let q = proxqat::fused::ste::quantize_straight_through(x.as_tensor(), scale, *half_levels).unwrap();
+    let acc = Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap();
+    let on_grid = proxqat::fused::weight::OnGrid {
+        scale: scale.clone(),
+        half_levels: *half_levels,
+    };
+    let q = proxqat::fused::weight::compute_copy_accumulating(x.as_tensor(), Some(on_grid), DType::F32, &acc).unwrap();
     assert_eq!(
         f32s(&q),
         f32s(&grid.quantize(x.as_tensor()).unwrap()),
@@ -229,10 +233,17 @@ fn fused_straight_through_view_is_the_grid_point_with_gradient_one() {
     );
     assert_eq!(f32s(&q)[2], 2.0 * s0);
     let probe = common::randn(&[4, 64], 9, 1.0).to_dtype(DType::F32).unwrap();
-    let grads = (&q * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    for _ in 0..2 {
+        let grads = (&q * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(x.as_tensor()).is_none(),
+            "the gradient goes to the accumulator, not the Var"
+        );
+    }
+    let twice: Vec<f32> = f32s(&probe).iter().map(|p| 2.0 * p).collect();
     assert_eq!(
-        f32s(grads.get(x.as_tensor()).unwrap()),
-        f32s(&probe),
-        "gradient is the identity"
+        f32s(&acc),
+        twice,
+        "straight-through: the identity, summed over two passes"
     );
 }

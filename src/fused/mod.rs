@@ -16,8 +16,8 @@ pub mod grid;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
-pub mod ste;
 pub mod swiglu;
+pub mod weight;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result};

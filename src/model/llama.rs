@@ -82,8 +82,27 @@ impl Params {
             .iter()
             .map(|(name, var)| {
                 let w = view(name, var.as_tensor())?;
-                let is_projection = w.rank() == 2 && !name.contains("embed_tokens");
-                Ok((name.clone(), if is_projection { w.to_dtype(dtype)? } else { w }))
+                Ok((
+                    name.clone(),
+                    if is_projection(name, &w) { w.to_dtype(dtype)? } else { w },
+                ))
+            })
+            .collect()
+    }
+
+    /// Zeroed gradient accumulators (f32; f64 for f64 weights) for the projections, whose compute
+    /// copies add their gradients into them in place (`fused::weight`).
+    pub fn projection_accumulators(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.vars
+            .iter()
+            .filter(|(name, var)| is_projection(name, var.as_tensor()))
+            .map(|(name, var)| {
+                let dtype = if var.dtype() == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                Ok((name.clone(), var.as_tensor().zeros_like()?.to_dtype(dtype)?))
             })
             .collect()
     }
@@ -94,6 +113,11 @@ impl Params {
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect()
     }
+}
+
+/// Projection matrices run in the compute dtype; embeddings and norm gains stay in the master dtype.
+fn is_projection(name: &str, w: &Tensor) -> bool {
+    w.rank() == 2 && !name.contains("embed_tokens")
 }
 
 /// Config plus the constants the forward needs (RoPE tables and causal mask, cached per length).

@@ -183,9 +183,6 @@ impl Quantizer {
         let Some(grid) = self.grids.get(name) else {
             return Ok(x.clone());
         };
-        if let (View::Hard, true, TensorGrid::Uniform { scale, half_levels, .. }) = (view, straight_through, grid) {
-            return Ok(crate::fused::ste::quantize_straight_through(x, scale, *half_levels)?);
-        }
         let target = match view {
             View::Float => return Ok(x.clone()),
             View::Hard => grid.quantize(x)?,

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use super::optim::Update;
 use super::{schedule, Trainer};
-use crate::fused;
+use crate::fused::{self, weight};
+use crate::quant::grid::TensorGrid;
 use crate::quant::{dist_loss, harden, stats, Method, Pull, View};
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -28,6 +29,48 @@ pub struct StepReport {
 }
 
 impl Trainer {
+    /// The step's compute weights at the training view. Projections go through `fused::weight` (one
+    /// op: grid point for a straight-through view on a uniform grid, cast, gradient accumulated into
+    /// `accumulators`); other views of projections are built on an accumulating f32 copy; the rest
+    /// (embeddings, norm gains) are the master weights or their view.
+    fn step_weights(&self, accumulators: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+        let view = self.train_view();
+        let quantizer = self
+            .quant
+            .as_ref()
+            .map(|q| &q.quantizer)
+            .filter(|_| view != View::Float);
+        let dtype = self.compute_dtype;
+        self.params
+            .vars
+            .iter()
+            .map(|(name, var)| {
+                let x = var.as_tensor();
+                let grid = quantizer.and_then(|qz| qz.grids.get(name));
+                let w = match (accumulators.get(name), grid) {
+                    (Some(acc), None) => weight::compute_copy_accumulating(x, None, dtype, acc)?,
+                    (Some(acc), Some(TensorGrid::Uniform { scale, half_levels, .. })) if view == View::Hard => {
+                        let on_grid = weight::OnGrid {
+                            scale: scale.clone(),
+                            half_levels: *half_levels,
+                        };
+                        weight::compute_copy_accumulating(x, Some(on_grid), dtype, acc)?
+                    }
+                    (Some(acc), Some(_)) => {
+                        let copy = weight::compute_copy_accumulating(x, None, x.dtype(), acc)?;
+                        quantizer
+                            .expect("a grid")
+                            .view(name, &copy, view, true)?
+                            .to_dtype(dtype)?
+                    }
+                    (None, Some(_)) => quantizer.expect("a grid").view(name, x, view, true)?,
+                    (None, None) => x.clone(),
+                };
+                Ok((name.clone(), w))
+            })
+            .collect()
+    }
+
     pub fn step(&mut self) -> Result<StepReport> {
         self.mark("outside step")?;
         let k = self.step;
@@ -43,15 +86,10 @@ impl Trainer {
 
         // 2. Micro-batches: forward at the training view, backward f/accum, accumulate gradients.
         // The weights do not change within a step: cast (and quantize, for STE / grad at q) once, and
-        // let every micro-batch's backward run through the same graph nodes.
-        let view = self.train_view();
-        let quantizer = self.quant.as_ref().map(|q| &q.quantizer);
-        let weights = self
-            .params
-            .compute_weights(self.compute_dtype, |name, x| match quantizer {
-                Some(qz) => qz.view(name, x, view, true),
-                None => Ok(x.clone()),
-            })?;
+        // let every micro-batch's backward run through the same graph nodes. The projections' backward
+        // adds their gradients into `accumulators` in place; embeddings and norm gains are summed here.
+        let accumulators = self.params.projection_accumulators()?;
+        let weights = self.step_weights(&accumulators)?;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = Tensor::zeros((), DType::F32, &self.model.device)?;
         let mut tokens = 0;
@@ -76,6 +114,7 @@ impl Trainer {
             self.mark("backward")?;
         }
         drop(weights);
+        grads.extend(accumulators);
 
         // 3. Global gradient norm and clipping factor, both 0-d on the device; the optimizer applies the
         // factor inside its update (no scaled copy of the gradients).
