@@ -46,24 +46,21 @@ impl Trainer {
             .iter()
             .map(|(name, var)| {
                 let x = var.as_tensor();
-                let grid = quantizer.and_then(|qz| qz.grids.get(name));
-                let w = match (accumulators.get(name), grid) {
+                let selected = quantizer.and_then(|qz| qz.grids.get(name).map(|grid| (qz, grid)));
+                let w = match (accumulators.get(name), selected) {
                     (Some(acc), None) => weight::compute_copy_accumulating(x, None, dtype, acc)?,
-                    (Some(acc), Some(TensorGrid::Uniform { scale, half_levels, .. })) if view == View::Hard => {
+                    (Some(acc), Some((_, TensorGrid::Uniform { scale, half_levels, .. }))) if view == View::Hard => {
                         let on_grid = weight::OnGrid {
                             scale: scale.clone(),
                             half_levels: *half_levels,
                         };
                         weight::compute_copy_accumulating(x, Some(on_grid), dtype, acc)?
                     }
-                    (Some(acc), Some(_)) => {
+                    (Some(acc), Some((qz, _))) => {
                         let copy = weight::compute_copy_accumulating(x, None, x.dtype(), acc)?;
-                        quantizer
-                            .expect("a grid")
-                            .view(name, &copy, view, true)?
-                            .to_dtype(dtype)?
+                        qz.view(name, &copy, view, true)?.to_dtype(dtype)?
                     }
-                    (None, Some(_)) => quantizer.expect("a grid").view(name, x, view, true)?,
+                    (None, Some((qz, _))) => qz.view(name, x, view, true)?,
                     (None, None) => x.clone(),
                 };
                 Ok((name.clone(), w))
