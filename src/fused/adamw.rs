@@ -130,10 +130,6 @@ pub fn step_in_place(
     cuda::launch(dev, "adamw_f32", cuda::elementwise(x.elem_count()), &all)
 }
 
-/// Blocks per tensor of the Σx² kernel (fixed: the partial sums are added in a fixed order).
-#[cfg(feature = "cuda")]
-const SUM_BLOCKS: usize = 264;
-
 /// Σ over the tensors of Σ x², as a 0-d f32 tensor on their device (nothing read back).
 pub fn sum_squares(tensors: &[&Tensor]) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
@@ -142,6 +138,7 @@ pub fn sum_squares(tensors: &[&Tensor]) -> Result<Tensor> {
             use super::cuda::{self, Arg};
             use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
             let op = "fused-sum-squares";
+            const SUM_BLOCKS: usize = cuda::REDUCTION_BLOCKS;
             let partials = Tensor::zeros(tensors.len() * SUM_BLOCKS, DType::F32, tensors[0].device())?;
             let base = cuda::tensor_ptr(&partials, op)?;
             for (i, t) in tensors.iter().enumerate() {

@@ -10,7 +10,7 @@ pub fn uniform_counts(x: &Tensor, scale: &Tensor, half_levels: f64, atol: f64) -
     if let candle_core::Device::Cuda(dev) = x.device() {
         if x.dtype() == candle_core::DType::F32 {
             use super::cuda::{self, Arg};
-            const BLOCKS: usize = 264;
+            const BLOCKS: usize = cuda::REDUCTION_BLOCKS;
             let op = "fused-grid-counts";
             let (x, scale) = (x.contiguous()?, scale.to_dtype(candle_core::DType::F32)?.contiguous()?);
             let partials = Tensor::zeros((BLOCKS, 4), candle_core::DType::F32, x.device())?;
