@@ -339,8 +339,8 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         .map(|t| t.to_device(cuda))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let err = rel_err(
-        &fused::adamw::sum_squares(&on_cuda.iter().collect::<Vec<_>>())?,
-        &fused::adamw::sum_squares(&parts.iter().collect::<Vec<_>>())?,
+        &fused::adamw::sums_of_squares(&on_cuda.iter().collect::<Vec<_>>())?,
+        &fused::adamw::sums_of_squares(&parts.iter().collect::<Vec<_>>())?,
     )?;
     rows.push(Row {
         name: "fused sum of squares".into(),

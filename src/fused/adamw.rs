@@ -130,8 +130,9 @@ pub fn step_in_place(
     cuda::launch(dev, "adamw_f32", cuda::elementwise(x.elem_count()), &all)
 }
 
-/// Σ over the tensors of Σ x², as a 0-d f32 tensor on their device (nothing read back).
-pub fn sum_squares(tensors: &[&Tensor]) -> Result<Tensor> {
+/// Σ x² of each tensor, as an `(n)` f32 tensor on their device (nothing read back): one pass over
+/// the step's gradients serves both the global norm and the sensitivity EMA.
+pub fn sums_of_squares(tensors: &[&Tensor]) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(candle_core::Device::Cuda(dev)) = tensors.first().map(|t| t.device()) {
         if tensors.iter().all(|t| t.dtype() == DType::F32) {
@@ -139,7 +140,7 @@ pub fn sum_squares(tensors: &[&Tensor]) -> Result<Tensor> {
             use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
             let op = "fused-sum-squares";
             const SUM_BLOCKS: usize = cuda::REDUCTION_BLOCKS;
-            let partials = Tensor::zeros(tensors.len() * SUM_BLOCKS, DType::F32, tensors[0].device())?;
+            let partials = Tensor::zeros((tensors.len(), SUM_BLOCKS), DType::F32, tensors[0].device())?;
             let base = cuda::tensor_ptr(&partials, op)?;
             for (i, t) in tensors.iter().enumerate() {
                 let t = t.contiguous()?;
@@ -155,17 +156,12 @@ pub fn sum_squares(tensors: &[&Tensor]) -> Result<Tensor> {
                 };
                 cuda::launch(dev, "sum_squares_f32", cfg, &[Arg::Ptr(x), Arg::Ptr(out), Arg::Len(n)])?;
             }
-            return partials.sum_all();
+            return partials.sum(1);
         }
     }
     let sums = tensors
         .iter()
         .map(|t| t.to_dtype(DType::F32)?.sqr()?.sum_all())
         .collect::<Result<Vec<_>>>()?;
-    Tensor::stack(&sums, 0)?.sum_all()
-}
-
-/// Mean of x² of one tensor, 0-d f32 on its device.
-pub fn mean_square(t: &Tensor) -> Result<Tensor> {
-    sum_squares(&[t])? / t.elem_count() as f64
+    Tensor::stack(&sums, 0)
 }

@@ -2,9 +2,10 @@
 //! `(N, V)` logits, loss and log-sum-exp in one read, the gradient in one read and one write.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor};
 
 use super::{cpu_storage, host_f64};
+use crate::model::ops::stat_dtype;
 
 /// The target index that means "not counted" (HF's −100).
 const IGNORED: u32 = u32::MAX;
@@ -36,14 +37,6 @@ struct CrossEntropy {
 /// `(logits, forward result, its gradient)` → grad of the logits, in the logits' dtype.
 struct CrossEntropyBwd {
     targets: Tensor,
-}
-
-fn stat_dtype(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
 }
 
 fn host_targets(t: &Tensor) -> Result<Vec<u32>> {
@@ -79,7 +72,7 @@ impl CustomOp1 for CrossEntropy {
         let op = self.name();
         let (n, v) = l.shape().dims2()?;
         let (logits, targets) = (cuda::ptr(s, l, op)?, cuda::tensor_ptr(&self.targets, op)?);
-        let (out, res) = cuda::alloc(&s.device, DType::F32, 2 * n, op)?;
+        let (out, res) = cuda::alloc(&s.device, candle_core::DType::F32, 2 * n, op)?;
         let name = format!("cross_entropy_fwd_{}", cuda::suffix(s.dtype(), op)?);
         let args = [Arg::Ptr(logits), Arg::Ptr(targets), Arg::Ptr(res), Arg::I32(v as i32)];
         cuda::launch(&s.device, &name, cuda::rows(n, 1024), &args)?;
@@ -137,7 +130,7 @@ impl CustomOp3 for CrossEntropyBwd {
         use super::cuda::{self, Arg};
         let op = self.name();
         let (n, v) = ll.shape().dims2()?;
-        if rs.dtype() != DType::F32 || gs.dtype() != DType::F32 {
+        if rs.dtype() != candle_core::DType::F32 || gs.dtype() != candle_core::DType::F32 {
             candle_core::bail!("{op}: the forward result and its gradient must be f32");
         }
         let (logits, res, grad) = (cuda::ptr(ls, ll, op)?, cuda::ptr(rs, rl, op)?, cuda::ptr(gs, gl, op)?);

@@ -47,7 +47,6 @@ pub(crate) fn host_f64(storage: &CpuStorage, layout: &Layout, op: &str) -> Resul
         CpuStorage::F32(v) => v[start..end].iter().map(|&x| x as f64).collect(),
         CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f64()).collect(),
         CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f64()).collect(),
-        CpuStorage::U32(v) => v[start..end].iter().map(|&x| x as f64).collect(),
         other => candle_core::bail!("{op}: unsupported dtype {:?}", other.dtype()),
     })
 }

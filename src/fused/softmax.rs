@@ -124,11 +124,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let kv = k.dim(1)?;
     let q = q.reshape((b, kv, (h / kv) * t, d))?;
-    let stat = if q.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let stat = crate::model::ops::stat_dtype(q.dtype());
     let scores = q.to_dtype(stat)?.matmul(&k.to_dtype(stat)?.t()?)?;
     let probs = causal_softmax(&scores, 1.0 / (d as f64).sqrt(), q.dtype())?;
     probs.matmul(v)?.reshape((b, h, t, d))

@@ -97,12 +97,8 @@ impl Params {
             .iter()
             .filter(|(name, var)| is_projection(name, var.as_tensor()))
             .map(|(name, var)| {
-                let dtype = if var.dtype() == DType::F64 {
-                    DType::F64
-                } else {
-                    DType::F32
-                };
-                Ok((name.clone(), var.as_tensor().zeros_like()?.to_dtype(dtype)?))
+                let dtype = ops::stat_dtype(var.dtype());
+                Ok((name.clone(), Tensor::zeros(var.shape(), dtype, var.device())?))
             })
             .collect()
     }
@@ -145,21 +141,12 @@ impl Llama {
         Llama { kernels, ..self }
     }
 
-    /// The dtype of statistics and RoPE angles: f64 for an f64 model (tests), else f32.
-    fn stat_dtype(&self) -> DType {
-        if self.dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        }
-    }
-
     fn constants(&self, seq_len: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let mut cache = self.cache.lock().expect("constant cache poisoned");
         if let Some(c) = cache.get(&seq_len) {
             return Ok(c.clone());
         }
-        let (cos, sin) = ops::rope_tables(&self.cfg, seq_len, self.stat_dtype(), &self.device)?;
+        let (cos, sin) = ops::rope_tables(&self.cfg, seq_len, ops::stat_dtype(self.dtype), &self.device)?;
         let mask = ops::causal_mask(seq_len, self.dtype, &self.device)?;
         cache.insert(seq_len, (cos.clone(), sin.clone(), mask.clone()));
         Ok((cos, sin, mask))

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use super::config::LlamaConfig;
 
 /// The dtype statistics are accumulated in: f64 stays f64 (finite-difference tests), else f32.
-fn stat_dtype(dtype: DType) -> DType {
+pub(crate) fn stat_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {
         DType::F64
     } else {

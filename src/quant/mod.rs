@@ -172,10 +172,6 @@ impl Quantizer {
         self.grids.keys().cloned().collect()
     }
 
-    pub fn q(&self, name: &str, x: &Tensor) -> Result<Tensor> {
-        self.grids[name].quantize(x)
-    }
-
     /// The weight a forward uses for parameter `name` under `view` (unselected names pass through).
     /// The value is exactly the target; with `straight_through` the gradient still reaches x:
     /// `target.detach() + (x − x.detach())` adds an exact zero that carries d/dx = 1.

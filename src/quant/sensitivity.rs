@@ -49,9 +49,26 @@ impl Sensitivity {
     /// `S ← m·S + (1−m)·mean((clip·g)²)` (first time: `S = mean((clip·g)²)`), for every tensor in
     /// `grads`; `clip` is the step's 0-d clipping factor (no clipped copy of the gradients is made).
     pub fn update(&mut self, ema: f64, grads: &BTreeMap<String, Tensor>, clip: &Tensor) -> Result<()> {
+        let sums = crate::fused::adamw::sums_of_squares(&grads.values().collect::<Vec<_>>())?;
+        let squares = grads
+            .iter()
+            .enumerate()
+            .map(|(i, (name, g))| Ok((name.clone(), (sums.get(i)?, g.elem_count()))))
+            .collect::<Result<_>>()?;
+        self.update_from_squares(ema, &squares, clip)
+    }
+
+    /// As `update`, from each gradient's Σg² (0-d) and element count, already computed (the step has
+    /// them from the global norm).
+    pub fn update_from_squares(
+        &mut self,
+        ema: f64,
+        squares: &BTreeMap<String, (Tensor, usize)>,
+        clip: &Tensor,
+    ) -> Result<()> {
         let clip2 = clip.to_dtype(DType::F32)?.sqr()?;
-        for (name, g) in grads {
-            let g2 = crate::fused::adamw::mean_square(g)?.mul(&clip2)?;
+        for (name, (sum, n)) in squares {
+            let g2 = (sum / *n as f64)?.mul(&clip2)?;
             let next = match self.values.get(name) {
                 None => g2,
                 Some(prev) => ((prev * ema)? + (g2 * (1.0 - ema))?)?,

@@ -115,12 +115,12 @@ impl Trainer {
 
         // 3. Global gradient norm and clipping factor, both 0-d on the device; the optimizer applies the
         // factor inside its update (no scaled copy of the gradients).
-        let norm = fused::adamw::sum_squares(&grads.values().collect::<Vec<_>>())?.sqrt()?;
-        let one = Tensor::ones((), DType::F32, &self.model.device)?;
+        let sums_of_squares = fused::adamw::sums_of_squares(&grads.values().collect::<Vec<_>>())?;
+        let norm = sums_of_squares.sum_all()?.sqrt()?;
         let clip = if t.grad_clip > 0.0 {
             ((&norm + 1e-6)?.recip()? * t.grad_clip)?.minimum(1.0)?
         } else {
-            one.clone()
+            Tensor::ones((), DType::F32, &self.model.device)?
         };
         let host = Tensor::stack(&[(loss_sum / accum as f64)?, norm], 0)?.to_vec1::<f32>()?;
         let (loss, grad_norm) = (host[0] as f64, host[1] as f64);
@@ -160,9 +160,14 @@ impl Trainer {
                 let names = q.quantizer.names();
                 // 4. Sensitivity EMA from the clipped task gradients; pull weights s_i.
                 if qc.method == Method::Prox && qc.sens.enable {
-                    let selected: BTreeMap<String, Tensor> =
-                        names.iter().map(|n| (n.clone(), grads[n].clone())).collect();
-                    q.sens.update(qc.sens.ema, &selected, &clip)?;
+                    // Σg² per tensor is at hand from the global norm (same order as `grads`).
+                    let squares = grads
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (name, _))| q.quantizer.grids.contains_key(*name))
+                        .map(|(i, (name, g))| Ok((name.clone(), (sums_of_squares.get(i)?, g.elem_count()))))
+                        .collect::<Result<_>>()?;
+                    q.sens.update_from_squares(qc.sens.ema, &squares, &clip)?;
                 }
                 let weights = q.sens.weights(&qc.sens, &names)?;
                 // 5. Pull gain c_k = c·γ_k (γ off: c).
