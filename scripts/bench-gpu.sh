@@ -4,8 +4,9 @@
 # usage (on the GPU machine): scripts/bench-gpu.sh BIN ASSETS_DIR OUT_DIR
 set -uo pipefail
 bin=$1; assets=$2; out=$3
-export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck disable=SC1091
+source "$here/device-env.sh"
 mkdir -p "$out"; : > "$out/bench.jsonl"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 for mb in ${BENCH_MB:-4 16}; do

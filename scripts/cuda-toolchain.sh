@@ -13,6 +13,14 @@ if [ ! -x "$cuda/bin/nvcc" ]; then
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
     nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
 fi
+# NCCL for multi-GPU data parallelism (`--features nccl`): linked here, the GPU machine's own
+# libnccl.so.2 (PyTorch's wheel) at run time; its ABI is stable across 2.x.
+# (Its own --target: pip does not merge a wheel into an existing nvidia/ directory.)
+nccl=$prefix/nccl/nvidia/nccl/lib
+if [ ! -e "$nccl/libnccl.so.2" ]; then
+  python3 -m pip install -q --no-deps --target "$prefix/nccl" nvidia-nccl-cu13==2.27.7
+fi
+[ -e "$nccl/libnccl.so" ] || ln -s libnccl.so.2 "$nccl/libnccl.so"
 lib=$cuda/lib
 # The wheels ship only versioned sonames; the linker wants the plain names.
 for l in libcublas libcublasLt libnvrtc libcudart; do
@@ -34,7 +42,7 @@ export CUDA_HOME=$cuda
 export CUDA_PATH=$cuda
 export PATH=$cuda/bin:\$PATH
 export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90}
-export LIBRARY_PATH=$lib:$lib/stubs:\${LIBRARY_PATH:-}
-export LD_LIBRARY_PATH=$lib:$lib/stubs:\${LD_LIBRARY_PATH:-}
+export LIBRARY_PATH=$lib:$lib/stubs:$nccl:\${LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$lib:$lib/stubs:$nccl:\${LD_LIBRARY_PATH:-}
 ENV
 echo "CUDA toolchain ready: source $prefix/env.sh"

@@ -7,8 +7,9 @@
 # usage (on the GPU machine): scripts/gpu-check.sh BIN ASSETS_DIR WORK_DIR
 set -uo pipefail
 bin=$1; assets=$2; work=${3:-/tmp/proxqat-check}
-export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck disable=SC1091
+source "$here/device-env.sh"
 mkdir -p "$work"; fail=0
 echo "== (a) CUDA vs CPU parity"
 $bin gpu-check parity || fail=1

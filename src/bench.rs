@@ -9,6 +9,7 @@ use std::path::Path;
 
 use crate::config::Config;
 use crate::data::Record;
+use crate::dist::Rank;
 use crate::model::io::{load_tokenizer, LoadedModel};
 use crate::model::LlamaConfig;
 use crate::train::{Profile, Trainer};
@@ -19,16 +20,22 @@ pub struct BenchResult {
     pub micro_batch: usize,
     pub seq: usize,
     pub global_batch: usize,
-    /// Mean per micro-step: forward, backward (incl. gradient accumulation), both.
+    pub devices: usize,
+    /// From one profiled step (synchronized at each phase boundary), on one device: mean forward,
+    /// backward (incl. gradient accumulation) and both per micro-step; per optimizer step: waiting for
+    /// the slowest rank and the all-reduce (devices > 1), clip + the one host read, optimizer
+    /// (+ Prox-QAT extras).
     pub ms_forward: f64,
     pub ms_backward: f64,
     pub ms_micro_step: f64,
-    /// Per optimizer step: clip + the one host read, optimizer (+ Prox-QAT extras), whole step.
+    pub ms_rank_wait: f64,
+    pub ms_all_reduce: f64,
     pub ms_clip_sync: f64,
     pub ms_optimizer: f64,
+    /// From `steps` unprofiled steps: the whole step, and the throughput.
     pub ms_step: f64,
     pub tokens_per_s: f64,
-    /// 6·N·tokens / time / 989 TFLOP/s (H100/H200 dense bf16 peak), N = all parameters.
+    /// 6·N·tokens / time / (989 TFLOP/s × devices) (H100/H200 dense bf16 peak), N = all parameters.
     pub mfu: f64,
     pub peak_gib: f64,
 }
@@ -42,6 +49,8 @@ pub struct BenchArgs<'a> {
     pub method: &'a str,
     pub steps: usize,
     pub kernels: &'a str,
+    /// GPUs, data-parallel (this process is one of the ranks `dist::launch` started when > 1).
+    pub devices: usize,
 }
 
 fn shape(name: &str) -> Result<LlamaConfig> {
@@ -56,7 +65,8 @@ fn shape(name: &str) -> Result<LlamaConfig> {
     })
 }
 
-pub fn run(a: &BenchArgs) -> Result<BenchResult> {
+/// The result, on the rank that reports it (rank 0).
+pub fn run(a: &BenchArgs) -> Result<Option<BenchResult>> {
     let cfg_model = shape(a.shape)?;
     let quant = match a.method {
         "fp" => "",
@@ -68,15 +78,17 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
     };
     let toml = format!(
         "[model]\npath = \"random\"\n[data]\npath = \"synthetic\"\nval_records = 1\nmax_seq_length = {seq}\n\
-         [train]\nout_dir = \"bench\"\nmicro_batch = {mb}\nglobal_batch = {gb}\nmax_steps = 1000\nwarmup_steps = 1\nlr = 1e-5\nkernels = \"{kernels}\"\n\
+         [train]\nout_dir = \"bench\"\nmicro_batch = {mb}\nglobal_batch = {gb}\nmax_steps = 1000\nwarmup_steps = 1\nlr = 1e-5\nkernels = \"{kernels}\"\ndevices = {devices}\n\
          [eval]\nevery = 0\ninitial = false\nfinal = false\nmax_batches = 1\n{quant}",
         seq = a.seq,
         mb = a.micro_batch,
         gb = a.global_batch,
-        kernels = a.kernels
+        kernels = a.kernels,
+        devices = a.devices
     );
     let cfg = Config::parse(&toml, &[])?;
-    let device = crate::train::pick_device(cfg.train.device)?;
+    let rank = Rank::open(&cfg.train)?;
+    let device = rank.device.clone();
     // Random weights generated on the device (the CPU would take minutes at 1.2B parameters).
     let mut tensors = BTreeMap::new();
     for (name, dims) in cfg_model.param_shapes() {
@@ -119,21 +131,36 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         tensors,
         tokenizer,
     };
-    let mut trainer = Trainer::from_parts(cfg, loaded, records, None).context("building the bench trainer")?;
+    let mut trainer = Trainer::from_parts(cfg, loaded, records, None, rank).context("building the bench trainer")?;
     trainer.step()?; // warm-up: kernels, allocator pools, Adam state
-    trainer.profile = Some(Profile::default());
+                     // Throughput: plain steps, as in training (no synchronization beyond the step's one host read).
     let started = std::time::Instant::now();
     for _ in 0..a.steps {
         trainer.step()?;
     }
-    let total = started.elapsed().as_secs_f64();
+    trainer.model.device.synchronize()?;
+    let step_s = started.elapsed().as_secs_f64() / a.steps as f64;
+    // Breakdown and peak memory: one more step, synchronized at every phase boundary.
+    trainer.profile = Some(Profile::default());
+    trainer.step()?;
     let p = trainer.profile.take().expect("profiling was on");
-    let accum = (a.global_batch / a.micro_batch) as f64;
-    let per_step = |k: &str| 1e3 * p.seconds.get(k).copied().unwrap_or(0.0) / a.steps as f64;
-    let step_s = total / a.steps as f64;
+    if trainer.rank.world() > 1 {
+        // Not timed: the ranks still hold the same weights after the measured steps.
+        let print = trainer.rank.check_identical(&trainer.params.to_tensors())?;
+        tracing::info!(
+            rank = trainer.rank.index(),
+            fingerprint = format!("{print:016x}"),
+            "ranks hold identical weights"
+        );
+    }
+    if !trainer.rank.is_lead() {
+        return Ok(None);
+    }
+    let accum = (a.global_batch / a.micro_batch / a.devices) as f64;
+    let per_step = |k: &str| 1e3 * p.seconds.get(k).copied().unwrap_or(0.0);
     let tokens = (a.global_batch * a.seq) as f64;
     let flops = 6.0 * cfg_model.num_params() as f64 * tokens;
-    Ok(BenchResult {
+    Ok(Some(BenchResult {
         method: a.method.into(),
         micro_batch: a.micro_batch,
         seq: a.seq,
@@ -141,11 +168,14 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         ms_forward: per_step("forward") / accum,
         ms_backward: per_step("backward") / accum,
         ms_micro_step: (per_step("forward") + per_step("backward")) / accum,
+        ms_all_reduce: per_step("all-reduce"),
+        ms_rank_wait: per_step("rank wait"),
         ms_clip_sync: per_step("clip+sync"),
         ms_optimizer: per_step("optimizer+quant"),
         ms_step: 1e3 * step_s,
         tokens_per_s: tokens / step_s,
-        mfu: flops / step_s / 989e12,
+        mfu: flops / step_s / (989e12 * a.devices as f64),
+        devices: a.devices,
         peak_gib: p.peak_bytes as f64 / (1u64 << 30) as f64,
-    })
+    }))
 }

@@ -98,6 +98,9 @@ pub struct BenchCliArgs {
     /// fused (the custom kernels) or reference (candle primitives), as `train.kernels`.
     #[arg(long, default_value = "fused")]
     pub kernels: String,
+    /// GPUs, data-parallel as `train.devices` (one process each; --global-batch rows over all).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub devices: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -141,6 +144,10 @@ pub struct TrainArgs {
     /// Start over in an out_dir that already holds a run (its contents are deleted first).
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// GPUs to train on, data-parallel: one process per GPU, gradients summed over NCCL (the same as
+    /// --set train.devices=N; a checkpoint resumes on any number).
+    #[arg(long, value_name = "N")]
+    pub devices: Option<usize>,
 }
 
 #[derive(Args, Debug)]

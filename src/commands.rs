@@ -15,7 +15,8 @@ use crate::train::{self, checkpoint};
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(a) => {
+        Command::Train(mut a) => {
+            a.overrides.extend(a.devices.map(|n| format!("train.devices={n}")));
             let cfg = Config::load(&a.config, &a.overrides)?;
             let resume = a.resume.map(|dir| dir.unwrap_or_else(|| cfg.train.out_dir.clone()));
             train::train(cfg, resume, a.overwrite)
@@ -32,6 +33,9 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(a) => {
+            if a.devices > 1 && !crate::dist::is_started_rank() {
+                return crate::dist::launch(a.devices, DeviceChoice::Auto);
+            }
             let r = crate::bench::run(&crate::bench::BenchArgs {
                 shape: &a.shape,
                 tokenizer: &a.tokenizer,
@@ -41,8 +45,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 method: &a.method,
                 steps: a.steps,
                 kernels: &a.kernels,
+                devices: a.devices,
             })?;
-            println!("{}", serde_json::to_string(&r)?);
+            if let Some(r) = r {
+                println!("{}", serde_json::to_string(&r)?);
+            }
             Ok(())
         }
         Command::GpuCheck(c) => run_gpu_check(c),
@@ -72,7 +79,7 @@ fn open(a: &CkptArgs) -> Result<Opened> {
         "auto" => DeviceChoice::Auto,
         other => bail!("--device {other:?}: use cpu, cuda or auto"),
     };
-    let device = train::pick_device(choice)?;
+    let device = train::pick_device(choice, 0)?;
     let precision = config.as_ref().map(|c| c.train.precision).unwrap_or(Precision::Auto);
     let (master, compute) = train::dtypes(precision, &device);
     let tensors: BTreeMap<String, Tensor> = ckpt
@@ -379,7 +386,7 @@ fn run_export(a: ExportArgs) -> Result<()> {
 fn run_gpu_check(c: GpuCheck) -> Result<()> {
     match c {
         GpuCheck::Parity => {
-            let cuda = train::pick_device(DeviceChoice::Cuda)?;
+            let cuda = train::pick_device(DeviceChoice::Cuda, 0)?;
             if !crate::gpu_check::parity(&cuda)? {
                 bail!("CUDA vs CPU parity failed (see the table)");
             }
@@ -392,11 +399,12 @@ fn run_gpu_check(c: GpuCheck) -> Result<()> {
             device,
             out,
         } => {
-            let dev = train::pick_device(if device == "cpu" {
+            let choice = if device == "cpu" {
                 DeviceChoice::Cpu
             } else {
                 DeviceChoice::Cuda
-            })?;
+            };
+            let dev = train::pick_device(choice, 0)?;
             let compute = match dtype.as_str() {
                 "f32" => candle_core::DType::F32,
                 "bf16" => candle_core::DType::BF16,

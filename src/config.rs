@@ -87,6 +87,10 @@ pub struct TrainSection {
     /// `fused` (the custom kernels of src/fused, CUDA and CPU) or `reference` (candle primitives).
     pub kernels: crate::fused::Kernels,
     pub device: DeviceChoice,
+    /// GPUs to train on, data-parallel (one process each, gradients summed over NCCL; `proxqat train`
+    /// starts the processes). Each optimizer step still sees `global_batch` rows: every GPU runs
+    /// `global_batch / (micro_batch × devices)` micro-batches.
+    pub devices: usize,
     /// Log (progress bar + metrics.jsonl) every N optimizer steps.
     pub log_every: usize,
     /// Save a checkpoint every N steps (0 = only at the end).
@@ -115,6 +119,7 @@ impl Default for TrainSection {
             tf32: false,
             kernels: crate::fused::Kernels::Fused,
             device: DeviceChoice::Auto,
+            devices: 1,
             log_every: 10,
             save_every: 0,
             max_bad_steps: 5,
@@ -191,6 +196,15 @@ impl Config {
                 t.micro_batch
             );
         }
+        if t.devices == 0 || !t.global_batch.is_multiple_of(t.micro_batch * t.devices) {
+            bail!(
+                "train.global_batch ({}) must be a multiple of train.micro_batch × train.devices ({} × {}): \
+                 every GPU runs the same number of micro-batches",
+                t.global_batch,
+                t.micro_batch,
+                t.devices
+            );
+        }
         if t.lr <= 0.0 || !t.lr.is_finite() || t.min_lr < 0.0 || t.min_lr > t.lr {
             bail!(
                 "train.lr must be positive and train.min_lr in [0, lr] (lr {}, min_lr {})",
@@ -220,8 +234,14 @@ impl Config {
         }
     }
 
+    /// Micro-batches per optimizer step, over all devices.
     pub fn accum(&self) -> usize {
         self.train.global_batch / self.train.micro_batch
+    }
+
+    /// Micro-batches per optimizer step on each device.
+    pub fn accum_per_device(&self) -> usize {
+        self.accum() / self.train.devices
     }
 }
 

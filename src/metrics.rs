@@ -9,7 +9,8 @@ use crate::eval::Losses;
 use crate::train::step::StepReport;
 
 pub struct Metrics {
-    file: std::fs::File,
+    /// None: a data-parallel rank other than 0, which reports nothing.
+    file: Option<std::fs::File>,
     bar: ProgressBar,
 }
 
@@ -26,15 +27,27 @@ impl Metrics {
                 .expect("the template is valid"),
         );
         bar.set_position(start as u64);
-        Ok(Metrics { file, bar })
+        Ok(Metrics { file: Some(file), bar })
+    }
+
+    /// Metrics that write and print nothing.
+    pub fn silent() -> Self {
+        Metrics {
+            file: None,
+            bar: ProgressBar::hidden(),
+        }
     }
 
     fn write(&mut self, v: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").context("writing metrics.jsonl")?;
-        self.file.flush().context("writing metrics.jsonl")
+        let Some(file) = &mut self.file else { return Ok(()) };
+        writeln!(file, "{v}").context("writing metrics.jsonl")?;
+        file.flush().context("writing metrics.jsonl")
     }
 
     pub fn step(&mut self, r: &StepReport, extra: serde_json::Value, tokens_per_s: f64) -> Result<()> {
+        if self.file.is_none() {
+            return Ok(());
+        }
         let mut v = serde_json::to_value(r)?;
         v["kind"] = "train".into();
         v["tokens_per_s"] = tokens_per_s.into();

@@ -312,3 +312,52 @@ fn bad_data_files_are_refused_through_the_binary() {
         assert!(!tmp.path().join("run").exists(), "{text}: nothing may be written");
     }
 }
+
+#[test]
+fn multi_gpu_requests_that_cannot_run_say_why_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model_dir(&model, 3);
+    let cfg = tiny_config(tmp.path(), &model, "");
+    let cfg = cfg.to_str().unwrap();
+    let run = tmp.path().join("run");
+    // The tiny config trains on the CPU: one device only.
+    fails_with(
+        &["train", "--config", cfg, "--devices", "2"],
+        tmp.path(),
+        &["train.devices = 2", "train.device = \"cpu\""],
+    );
+    // 8 rows per step cannot be split into micro-batches of 4 over 3 GPUs.
+    fails_with(
+        &[
+            "train",
+            "--config",
+            cfg,
+            "--devices",
+            "3",
+            "--set",
+            "train.device=\"cuda\"",
+        ],
+        tmp.path(),
+        &["train.global_batch (8)", "train.micro_batch × train.devices (4 × 3)"],
+    );
+    // This test binary has no NCCL (CI builds without CUDA): the launcher says how to get it.
+    #[cfg(not(feature = "nccl"))]
+    fails_with(
+        &[
+            "train",
+            "--config",
+            cfg,
+            "--devices",
+            "2",
+            "--set",
+            "train.device=\"cuda\"",
+        ],
+        tmp.path(),
+        &["--features cuda,nccl"],
+    );
+    assert!(
+        !run.join("metrics.jsonl").exists() && !run.join("latest").exists(),
+        "nothing was trained"
+    );
+}

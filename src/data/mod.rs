@@ -123,22 +123,36 @@ impl TrainStream {
         order
     }
 
-    pub fn next_batch(&mut self, rows: usize) -> Result<Batch> {
-        let mut examples = Vec::with_capacity(rows);
-        while examples.len() < rows {
-            if self.cursor.position == self.order.len() {
-                self.cursor = Cursor {
-                    epoch: self.cursor.epoch + 1,
-                    position: 0,
-                };
-                self.order = self.epoch_order(self.cursor.epoch);
-            }
-            examples.push(self.encoder.encode(&self.records[self.order[self.cursor.position]])?);
-            self.cursor.position += 1;
+    /// The next record's index, rolling over to the next epoch's order at the end of one.
+    fn advance(&mut self) -> usize {
+        if self.cursor.position == self.order.len() {
+            self.cursor = Cursor {
+                epoch: self.cursor.epoch + 1,
+                position: 0,
+            };
+            self.order = self.epoch_order(self.cursor.epoch);
         }
+        self.cursor.position += 1;
+        self.order[self.cursor.position - 1]
+    }
+
+    pub fn next_batch(&mut self, rows: usize) -> Result<Batch> {
+        let examples = (0..rows)
+            .map(|_| {
+                let i = self.advance();
+                self.encoder.encode(&self.records[i])
+            })
+            .collect::<Result<Vec<_>>>()?;
         let batch = Batch::from_examples(&examples);
         self.truncated += batch.truncated;
         Ok(batch)
+    }
+
+    /// Pass over `rows` records without tokenizing them (another rank's share of the stream).
+    pub fn skip(&mut self, rows: usize) {
+        for _ in 0..rows {
+            self.advance();
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use tokenizers::Tokenizer;
 
 use crate::config::{Config, DeviceChoice, Precision};
 use crate::data::{self, Batch, Encoder, TrainStream};
+use crate::dist::{self, Rank};
 use crate::eval;
 use crate::metrics::Metrics;
 use crate::model::io::LoadedModel;
@@ -22,13 +23,14 @@ use crate::quant::{DualState, GammaState, Quantizer, Sensitivity, View};
 use checkpoint::{SaveParts, TrainerState};
 use optim::AdamW;
 
-/// The device a config asks for.
-pub fn pick_device(choice: DeviceChoice) -> Result<Device> {
+/// The device a config asks for (`ordinal`: which GPU).
+pub fn pick_device(choice: DeviceChoice, ordinal: usize) -> Result<Device> {
     let device = match choice {
         DeviceChoice::Cpu => Device::Cpu,
-        DeviceChoice::Cuda => Device::new_cuda(0)
-            .context("train.device = \"cuda\" but no CUDA device could be opened (is this a --features cuda build?)")?,
-        DeviceChoice::Auto => Device::cuda_if_available(0)?,
+        DeviceChoice::Cuda => Device::new_cuda(ordinal).with_context(|| {
+            format!("train.device = \"cuda\" but CUDA device {ordinal} could not be opened (is this a --features cuda build?)")
+        })?,
+        DeviceChoice::Auto => Device::cuda_if_available(ordinal)?,
     };
     // Everything runs on the device's one stream, which already orders each use of a buffer before its
     // free: cudarc's per-buffer events (event calls per kernel argument) would be pure launch overhead.
@@ -73,6 +75,8 @@ pub struct Trainer {
     pub bad_steps: usize,
     pub tokenizer: Tokenizer,
     pub model_cfg: LlamaConfig,
+    /// This process's place in a data-parallel run (the only rank of a one-device run).
+    pub rank: Rank,
     /// Phase timings (bench only): each `mark` synchronizes the device, so it is off in training.
     pub profile: Option<Profile>,
 }
@@ -99,6 +103,12 @@ pub fn device_used_bytes(device: &Device) -> Option<usize> {
 impl Trainer {
     /// Build a fresh run from the config, or continue the checkpoint at `resume`.
     pub fn new(cfg: Config, resume: Option<&Path>) -> Result<Self> {
+        let rank = Rank::open(&cfg.train)?;
+        Self::on_rank(cfg, resume, rank)
+    }
+
+    /// [`Trainer::new`] on a given rank of a data-parallel run.
+    pub fn on_rank(cfg: Config, resume: Option<&Path>, rank: Rank) -> Result<Self> {
         let ckpt = resume.map(checkpoint::load).transpose()?;
         if ckpt.as_ref().is_some_and(|c| c.state.is_none()) {
             bail!(
@@ -115,17 +125,26 @@ impl Trainer {
             None => crate::model::io::load_model(&cfg.model.path)?,
         };
         let records = data::alpaca::load_records(&cfg.data.path)?;
-        Self::from_parts(cfg, loaded, records, ckpt.as_ref())
+        Self::from_parts(cfg, loaded, records, ckpt.as_ref(), rank)
     }
 
-    /// Build from a model and records already in memory (the checkpoint, if any, supplies the state).
+    /// Build from a model and records already in memory (the checkpoint, if any, supplies the state), on
+    /// `rank` (its device, and its peers when `train.devices` > 1).
     pub fn from_parts(
         cfg: Config,
         loaded: LoadedModel,
         records: Vec<data::Record>,
         ckpt: Option<&checkpoint::Checkpoint>,
+        rank: Rank,
     ) -> Result<Self> {
-        let device = pick_device(cfg.train.device)?;
+        if rank.world() != cfg.train.devices {
+            bail!(
+                "train.devices = {} but this rank belongs to a run of {}",
+                cfg.train.devices,
+                rank.world()
+            );
+        }
+        let device = rank.device.clone();
         let (master, compute) = dtypes(cfg.train.precision, &device);
         #[cfg(feature = "cuda")]
         if device.is_cuda() {
@@ -220,6 +239,7 @@ impl Trainer {
             val_all,
             tokenizer: loaded.tokenizer,
             model_cfg: loaded.cfg,
+            rank,
             profile: None,
         })
     }
@@ -273,14 +293,22 @@ impl Trainer {
         )
     }
 
-    /// Train to `max_steps` with progress, metrics, evals and checkpoints.
+    /// Train to `max_steps` with progress, metrics, evals and checkpoints. In a data-parallel run every
+    /// rank steps; rank 0 alone logs, evaluates and saves, after the ranks have checked that their
+    /// weights are identical.
     pub fn run(&mut self) -> Result<()> {
         let t = self.cfg.train.clone();
-        std::fs::create_dir_all(&t.out_dir).with_context(|| format!("creating out_dir {}", t.out_dir.display()))?;
-        let mut metrics = Metrics::open(&t.out_dir.join("metrics.jsonl"), t.max_steps, self.step)?;
+        let lead = self.rank.is_lead();
+        let mut metrics = if lead {
+            std::fs::create_dir_all(&t.out_dir).with_context(|| format!("creating out_dir {}", t.out_dir.display()))?;
+            Metrics::open(&t.out_dir.join("metrics.jsonl"), t.max_steps, self.step)?
+        } else {
+            Metrics::silent()
+        };
         tracing::info!(params = self.model_cfg.num_params(), device = ?self.model.device, dtype = ?self.compute_dtype,
-            accum = self.cfg.accum(), selected = self.quant.as_ref().map(|q| q.quantizer.grids.len()).unwrap_or(0), "training");
-        if self.step == 0 && self.cfg.eval.initial {
+            rank = self.rank.index(), devices = self.rank.world(), micro_batches_per_device = self.cfg.accum_per_device(),
+            selected = self.quant.as_ref().map(|q| q.quantizer.grids.len()).unwrap_or(0), "training");
+        if lead && self.step == 0 && self.cfg.eval.initial {
             let losses = self.evaluate(&self.val_all)?;
             metrics.eval(self.step, "initial", &losses)?;
         }
@@ -307,14 +335,21 @@ impl Trainer {
                     report.grad_norm
                 );
             }
-            if self.cfg.eval.every > 0 && done.is_multiple_of(self.cfg.eval.every) && done < t.max_steps {
+            if lead && self.cfg.eval.every > 0 && done.is_multiple_of(self.cfg.eval.every) && done < t.max_steps {
                 let losses = self.evaluate(&self.val)?;
                 metrics.eval(done, "periodic", &losses)?;
             }
             if t.save_every > 0 && done.is_multiple_of(t.save_every) && done < t.max_steps {
-                let dir = self.save()?;
-                metrics.note(&format!("saved {}", dir.display()));
+                self.check_ranks_identical()?;
+                if lead {
+                    let dir = self.save()?;
+                    metrics.note(&format!("saved {}", dir.display()));
+                }
             }
+        }
+        self.check_ranks_identical()?;
+        if !lead {
+            return Ok(());
         }
         if self.stream.truncated > 0 {
             tracing::warn!(
@@ -329,6 +364,20 @@ impl Trainer {
         }
         let dir = self.save()?;
         metrics.finish(&format!("saved {}", dir.display()));
+        Ok(())
+    }
+
+    /// Data-parallel runs: stop unless every rank holds the same weights (a no-op on one device).
+    fn check_ranks_identical(&self) -> Result<()> {
+        if self.rank.world() > 1 {
+            let print = self.rank.check_identical(&self.params.to_tensors())?;
+            tracing::info!(
+                rank = self.rank.index(),
+                step = self.step,
+                fingerprint = format!("{print:016x}"),
+                "ranks hold identical weights"
+            );
+        }
         Ok(())
     }
 
@@ -375,17 +424,30 @@ impl Trainer {
     }
 }
 
-/// `proxqat train`: build and run.
+/// `proxqat train`: build and run (with `train.devices` > 1: start one process per GPU running this).
 pub fn train(cfg: Config, resume: Option<PathBuf>, overwrite: bool) -> Result<()> {
-    if cfg.train.out_dir.is_file() {
+    // The processes of a data-parallel run find out_dir already checked (and cleared) by their launcher.
+    let launcher = !dist::is_started_rank();
+    if launcher {
+        prepare_out_dir(&cfg.train.out_dir, resume.is_some(), overwrite)?;
+    }
+    let resume = resume.map(|p| checkpoint::resolve(&p)).transpose()?;
+    if launcher && cfg.train.devices > 1 {
+        return dist::launch(cfg.train.devices, cfg.train.device);
+    }
+    Trainer::new(cfg, resume.as_deref())?.run()
+}
+
+/// Refuse to mix a new run into an old one: an existing run needs --resume or --overwrite.
+fn prepare_out_dir(out: &Path, resuming: bool, overwrite: bool) -> Result<()> {
+    if out.is_file() {
         bail!(
             "train.out_dir {} is a file; point train.out_dir at a directory",
-            cfg.train.out_dir.display()
+            out.display()
         );
     }
-    let out = &cfg.train.out_dir;
     let has_run = out.join("latest").exists() || out.join("metrics.jsonl").exists();
-    if resume.is_none() && has_run {
+    if !resuming && has_run {
         if !overwrite {
             bail!(
                 "train.out_dir {} already holds a run: pass --resume to continue it or --overwrite to start over",
@@ -394,7 +456,5 @@ pub fn train(cfg: Config, resume: Option<PathBuf>, overwrite: bool) -> Result<()
         }
         std::fs::remove_dir_all(out).with_context(|| format!("clearing {}", out.display()))?;
     }
-    let resume = resume.map(|p| checkpoint::resolve(&p)).transpose()?;
-    let mut trainer = Trainer::new(cfg, resume.as_deref())?;
-    trainer.run()
+    Ok(())
 }

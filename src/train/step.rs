@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use super::optim::Update;
 use super::{schedule, Trainer};
+use crate::dist::ReduceOp;
 use crate::fused::{self, weight};
 use crate::quant::grid::TensorGrid;
 use crate::quant::{dist_loss, harden, stats, Method, Pull, View};
@@ -72,7 +73,9 @@ impl Trainer {
         self.mark("outside step")?;
         let k = self.step;
         let t = self.cfg.train.clone();
+        // Micro-batches per step over all devices (the loss scale) and on this one.
         let accum = self.cfg.accum();
+        let (rank, world) = (self.rank.index(), self.rank.world());
         // 1. Learning rate; the one-shot hardening.
         let lr = schedule::lr_at(k, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
         if let Some(q) = &self.quant {
@@ -85,13 +88,16 @@ impl Trainer {
         // The weights do not change within a step: cast (and quantize, for STE / grad at q) once, and
         // let every micro-batch's backward run through the same graph nodes. The projections' backward
         // adds their gradients into `accumulators` in place; embeddings and norm gains are summed here.
+        // Data-parallel: this rank runs micro-batches rank, rank + world, … of the step's stream.
         let accumulators = self.params.projection_accumulators()?;
         let weights = self.step_weights(&accumulators)?;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = Tensor::zeros((), DType::F32, &self.model.device)?;
         let mut tokens = 0;
-        for _ in 0..accum {
+        for _ in 0..self.cfg.accum_per_device() {
+            self.stream.skip(rank * t.micro_batch);
             let batch = self.stream.next_batch(t.micro_batch)?;
+            self.stream.skip((world - 1 - rank) * t.micro_batch);
             tokens += batch.rows * batch.cols;
             let ids = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), &self.model.device)?;
             let (loss, _) = self.model.loss(&weights, &ids, &batch.labels)?;
@@ -112,6 +118,19 @@ impl Trainer {
         }
         drop(weights);
         grads.extend(accumulators);
+        // Sum the gradients, the loss and the token count over ranks (f32; a no-op on one device):
+        // from here on every rank holds the same values and makes the same update.
+        let totals = Tensor::stack(&[loss_sum, Tensor::new(tokens as f32, &self.model.device)?], 0)?;
+        if self.profile.is_some() && world > 1 {
+            // Profiling only: meet the slowest rank first, so that "all-reduce" times the transfer.
+            let probe = Tensor::zeros(1, DType::F32, &self.model.device)?;
+            self.rank.collective.all_reduce_in_place(&[&probe], ReduceOp::Sum)?;
+            self.mark("rank wait")?;
+        }
+        let mut reduced: Vec<&Tensor> = grads.values().collect();
+        reduced.push(&totals);
+        self.rank.collective.all_reduce_in_place(&reduced, ReduceOp::Sum)?;
+        self.mark("all-reduce")?;
 
         // 3. Global gradient norm and clipping factor, both 0-d on the device; the optimizer applies the
         // factor inside its update (no scaled copy of the gradients).
@@ -122,8 +141,17 @@ impl Trainer {
         } else {
             Tensor::ones((), DType::F32, &self.model.device)?
         };
-        let host = Tensor::stack(&[(loss_sum / accum as f64)?, norm], 0)?.to_vec1::<f32>()?;
-        let (loss, grad_norm) = (host[0] as f64, host[1] as f64);
+        // Token counts stay exact in f32 up to 2^24 per step.
+        let host = Tensor::cat(
+            &[
+                (totals.get(0)? / accum as f64)?.reshape(1)?,
+                norm.reshape(1)?,
+                totals.get(1)?.reshape(1)?,
+            ],
+            0,
+        )?
+        .to_vec1::<f32>()?;
+        let (loss, grad_norm, tokens) = (host[0] as f64, host[1] as f64, host[2] as usize);
         self.mark("clip+sync")?;
         let mut report = StepReport {
             step: k + 1,
