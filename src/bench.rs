@@ -139,6 +139,7 @@ pub fn run(a: &BenchArgs) -> Result<Option<BenchResult>> {
         trainer.step()?;
     }
     trainer.model.device.synchronize()?;
+    // (`--steps 0`: only the profiled step, e.g. under a profiler; the throughput is then NaN.)
     let step_s = started.elapsed().as_secs_f64() / a.steps as f64;
     // Breakdown and peak memory: one more step, synchronized at every phase boundary.
     trainer.profile = Some(Profile::default());

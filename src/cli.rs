@@ -92,7 +92,7 @@ pub struct BenchCliArgs {
     /// fp, prox (pull = "prox", grad_at = "q": configs/alpaca.toml) or prox-loss (pull = "loss").
     #[arg(long, default_value = "fp")]
     pub method: String,
-    /// Measured optimizer steps after one warm-up step.
+    /// Timed optimizer steps after one warm-up step (then one profiled step; 0: that one only).
     #[arg(long, value_name = "STEPS", default_value_t = 2)]
     pub steps: usize,
     /// fused (the custom kernels) or reference (candle primitives), as `train.kernels`.

@@ -333,6 +333,36 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             tol: 2e-2,
         });
     }
+    // The fused linear: output, input gradient, and the weight gradient added by one cuBLAS GEMM with
+    // β = 1 into the f32 accumulator over two backward passes (f32 and bf16 inputs).
+    for dtype in [DType::F32, DType::BF16] {
+        let (x, w) = (randn(&[2, 96, 128], 45, 1.0)?, randn(&[64, 128], 46, 0.05)?);
+        let run = |device: &Device| -> Result<(Tensor, Tensor, Tensor)> {
+            let dt = if device.is_cuda() { dtype } else { DType::F32 };
+            let x = Var::from_tensor(&x.to_device(device)?.to_dtype(dt)?)?;
+            let w = w.to_device(device)?.to_dtype(dt)?;
+            let acc = Tensor::zeros((64, 128), DType::F32, device)?;
+            let (mut y, mut dx) = (None, None);
+            for seed in [47, 48] {
+                let out = fused::linear::linear(x.as_tensor(), &w, &acc)?;
+                let probe = randn(&[2, 96, 64], seed, 1.0)?.to_device(device)?.to_dtype(dt)?;
+                let grads = (&out * probe)?.sum_all()?.backward()?;
+                dx = grads.get(x.as_tensor()).cloned();
+                y = Some(out);
+            }
+            let f32 = |t: Option<Tensor>| -> Result<Tensor> { Ok(t.context("computed")?.to_dtype(DType::F32)?) };
+            Ok((f32(y)?, f32(dx)?, acc))
+        };
+        let ((y, dx, acc), (y_ref, dx_ref, acc_ref)) = (run(cuda)?, run(&Device::Cpu)?);
+        rows.push(Row {
+            name: "fused linear y, dx, accumulated dw".into(),
+            dtype,
+            err: rel_err(&y, &y_ref)?
+                .max(rel_err(&dx, &dx_ref)?)
+                .max(rel_err(&acc, &acc_ref)?),
+            tol: if dtype == DType::F32 { 1e-4 } else { 2e-2 },
+        });
+    }
     let parts = [randn(&[1000, 77], 40, 1.0)?, randn(&[3], 41, 1.0)?];
     let on_cuda = parts
         .iter()

@@ -365,6 +365,53 @@ fn fused_and_reference_llama_agree_on_loss_and_every_gradient() {
 }
 
 #[test]
+fn fused_linear_matches_finite_differences_and_accumulates_the_weight_gradient() {
+    let x = randn(&[2, 3, 5], 21, 1.0);
+    let w = randn(&[4, 5], 22, 1.0);
+    let acc = Tensor::zeros((4, 5), DType::F64, &Device::Cpu).unwrap();
+    check("fused linear (x)", &x, 30, |x| {
+        probe(&fused::linear::linear(x, &w, &acc).unwrap(), 23)
+    });
+    // The forward equals the matmul; the accumulator holds ∂L/∂w (summed over the backward passes).
+    let reference = |x: &Tensor, w: &Tensor| probe(&x.broadcast_matmul(&w.t().unwrap()).unwrap(), 23);
+    let y = fused::linear::linear(&x, &w, &acc).unwrap();
+    assert!(max_diff(&y, &x.broadcast_matmul(&w.t().unwrap()).unwrap()) < 1e-14);
+    let acc = Tensor::zeros((4, 5), DType::F64, &Device::Cpu).unwrap();
+    let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+    for _ in 0..2 {
+        let y = fused::linear::linear(xv.as_tensor(), wv.as_tensor(), &acc).unwrap();
+        let grads = probe(&y, 23).backward().unwrap();
+        assert!(
+            grads.get(wv.as_tensor()).is_none(),
+            "the weight gradient went to autograd too"
+        );
+        assert!(!grads.get(xv.as_tensor()).unwrap().track_op(), "dx carries a graph");
+    }
+    let want = (reference(&x, wv.as_tensor())
+        .backward()
+        .unwrap()
+        .get(wv.as_tensor())
+        .unwrap()
+        * 2.0)
+        .unwrap();
+    assert!(max_diff(&acc, &want) < 1e-12, "accumulated {}", max_diff(&acc, &want));
+    let fd = |i: usize, j: usize| {
+        let h = 1e-5;
+        let at = |d: f64| {
+            let mut v = to_vec_f64(&w);
+            v[i * 5 + j] += d;
+            let w = Tensor::from_vec(v, (4, 5), &Device::Cpu).unwrap();
+            reference(&x, &w).to_scalar::<f64>().unwrap()
+        };
+        (at(h) - at(-h)) / (2.0 * h)
+    };
+    let got = to_vec_f64(&acc);
+    for (i, j) in [(0, 0), (1, 3), (3, 4)] {
+        assert!((got[i * 5 + j] / 2.0 - fd(i, j)).abs() < 1e-6, "w[{i},{j}]");
+    }
+}
+
+#[test]
 fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches() {
     // The projections' gradients land in the accumulators (in place, across two micro-batches); the
     // rest in the GradStore. Both must equal plain autograd's sums, with and without a weight view.
@@ -376,7 +423,9 @@ fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches()
         Tensor::new(&[[4u32, 4, 0, 9, 3, 8]], &Device::Cpu).unwrap(),
     ];
     let labels: Vec<i64> = vec![1, 5, 7, -100, 39, 11];
-    for scaled in [false, true] {
+    // direct: the compute copies go to the model as its `grads_into`, so the fused linear adds the
+    // weight gradients into the accumulators itself (the training step's path for plain copies).
+    for (scaled, direct) in [(false, false), (true, false), (false, true)] {
         let view = |x: &Tensor| x.affine(if scaled { 2.0 } else { 1.0 }, 0.0);
         let mut want: std::collections::BTreeMap<String, Tensor> = Default::default();
         let plain = params.compute_weights(DType::F64, |_, x| Ok(view(x)?)).unwrap();
@@ -400,7 +449,13 @@ fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches()
         let mut rest: std::collections::BTreeMap<String, Tensor> = Default::default();
         for ids in &batches {
             let g = model.loss(&plain, ids, &labels).unwrap().0.backward().unwrap();
-            let h = model.loss(&fused, ids, &labels).unwrap().0.backward().unwrap();
+            let into = if direct { acc.clone() } else { Default::default() };
+            let h = model
+                .loss_into(&fused, &into, ids, &labels)
+                .unwrap()
+                .0
+                .backward()
+                .unwrap();
             for (name, var) in &params.vars {
                 let add = |m: &mut std::collections::BTreeMap<String, Tensor>, t: &Tensor| {
                     let sum = match m.remove(name) {
@@ -420,7 +475,7 @@ fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches()
             let got = acc.get(name).or(rest.get(name)).unwrap();
             assert!(
                 max_diff(got, w) < 1e-12,
-                "{name} (scaled view {scaled}): {}",
+                "{name} (scaled view {scaled}, direct {direct}): {}",
                 max_diff(got, w)
             );
         }

@@ -13,6 +13,7 @@
 pub mod adamw;
 pub mod cross_entropy;
 pub mod grid;
+pub mod linear;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;

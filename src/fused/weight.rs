@@ -120,12 +120,16 @@ impl CustomOp1 for ComputeCopy {
     }
 
     fn bwd(&self, _w: &Tensor, _copy: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        self.acc.inplace_op2(&grad.contiguous()?, &AddInto)?;
+        add_into(&self.acc, grad)?;
         Ok(None)
     }
 }
 
-/// `acc += g` in place (acc f32 or f64; g any float dtype, cast on the fly).
+/// `acc += g` in place (acc f32 or f64, contiguous; g any float dtype, cast on the fly).
+pub(crate) fn add_into(acc: &Tensor, g: &Tensor) -> Result<()> {
+    acc.inplace_op2(&g.contiguous()?, &AddInto)
+}
+
 struct AddInto;
 
 impl InplaceOp2 for AddInto {

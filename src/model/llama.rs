@@ -154,17 +154,33 @@ impl Llama {
 
     /// Hidden states after the final norm, `(B, T, d)`.
     pub fn hidden(&self, w: &BTreeMap<String, Tensor>, ids: &Tensor) -> Result<Tensor> {
+        self.hidden_into(w, &BTreeMap::new(), ids)
+    }
+
+    /// [`Llama::hidden`], where the weights named in `grads_into` (each a compute copy whose gradient
+    /// is the identity into its f32 accumulator) have their gradient added straight into that
+    /// accumulator by the backward (fused kernels only; otherwise it flows through autograd).
+    fn hidden_into(
+        &self,
+        w: &BTreeMap<String, Tensor>,
+        grads_into: &BTreeMap<String, Tensor>,
+        ids: &Tensor,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t) = ids.dims2()?;
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let (cos, sin, mask) = self.constants(t)?;
         let get = |name: String| w.get(&name).with_context(|| format!("missing weight `{name}`"));
         // Matmuls in the compute dtype; their outputs join the residual stream in its own dtype.
-        let linear = |x: &Tensor, name: String| -> Result<Tensor> {
-            let w = get(name)?;
-            Ok(x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?)
-        };
         let fused = self.kernels == Kernels::Fused;
+        let linear = |x: &Tensor, name: String| -> Result<Tensor> {
+            let w = get(name.clone())?;
+            let x = x.to_dtype(w.dtype())?;
+            Ok(match grads_into.get(&name) {
+                Some(acc) if fused => fused::linear::linear(&x, w, acc)?,
+                _ => x.broadcast_matmul(&w.t()?)?,
+            })
+        };
         // Fused: the norm writes the matmul input dtype directly. Reference: f32 out, cast by `linear`.
         let norm = |x: &Tensor, name: String| -> Result<Tensor> {
             let (w, eps) = (get(name)?, cfg.rms_norm_eps);
@@ -209,7 +225,12 @@ impl Llama {
     }
 
     /// `hidden · headᵀ` in the compute dtype (a tied head is the embedding, cast here).
-    fn project(&self, w: &BTreeMap<String, Tensor>, hidden: &Tensor) -> Result<Tensor> {
+    fn project(
+        &self,
+        w: &BTreeMap<String, Tensor>,
+        grads_into: &BTreeMap<String, Tensor>,
+        hidden: &Tensor,
+    ) -> Result<Tensor> {
         let name = if self.cfg.tie_word_embeddings {
             "model.embed_tokens.weight"
         } else {
@@ -219,23 +240,39 @@ impl Llama {
             .get(name)
             .with_context(|| format!("missing weight `{name}`"))?
             .to_dtype(self.dtype)?;
-        Ok(hidden.to_dtype(self.dtype)?.broadcast_matmul(&head.t()?)?)
+        let hidden = hidden.to_dtype(self.dtype)?;
+        Ok(match grads_into.get(name) {
+            Some(acc) if self.kernels == Kernels::Fused => fused::linear::linear(&hidden, &head, acc)?,
+            _ => hidden.broadcast_matmul(&head.t()?)?,
+        })
     }
 
     /// Logits `(B, T, V)` in the compute dtype.
     pub fn logits(&self, w: &BTreeMap<String, Tensor>, ids: &Tensor) -> Result<Tensor> {
-        self.project(w, &self.hidden(w, ids)?)
+        self.project(w, &BTreeMap::new(), &self.hidden(w, ids)?)
     }
 
     /// Token-mean next-token cross-entropy: position t predicts `labels[t + 1]` (−100 = ignored).
     /// `labels` is row-major `(B, T)`. Returns the loss and the number of counted targets.
     pub fn loss(&self, w: &BTreeMap<String, Tensor>, ids: &Tensor, labels: &[i64]) -> Result<(Tensor, usize)> {
+        self.loss_into(w, &BTreeMap::new(), ids, labels)
+    }
+
+    /// [`Llama::loss`] with the weight gradients of `grads_into` added straight into their accumulators
+    /// (see [`Llama::hidden_into`]): the training step's forward.
+    pub fn loss_into(
+        &self,
+        w: &BTreeMap<String, Tensor>,
+        grads_into: &BTreeMap<String, Tensor>,
+        ids: &Tensor,
+        labels: &[i64],
+    ) -> Result<(Tensor, usize)> {
         let (b, t) = ids.dims2()?;
-        let hidden = self.hidden(w, ids)?.narrow(1, 0, t - 1)?;
+        let hidden = self.hidden_into(w, grads_into, ids)?.narrow(1, 0, t - 1)?;
         let targets: Vec<i64> = (0..b)
             .flat_map(|r| labels[r * t + 1..(r + 1) * t].iter().copied())
             .collect();
-        let logits = self.project(w, &hidden.reshape((b * (t - 1), self.cfg.hidden_size))?)?;
+        let logits = self.project(w, grads_into, &hidden.reshape((b * (t - 1), self.cfg.hidden_size))?)?;
         Ok(match self.kernels {
             Kernels::Fused => fused::cross_entropy::cross_entropy(&logits, &targets)?,
             Kernels::Reference => ops::cross_entropy(&logits, &targets)?,
@@ -256,7 +293,7 @@ impl Llama {
             let input = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
             let hidden = self.hidden(w, &input)?;
             let last = hidden.narrow(1, ids.len() - 1, 1)?.squeeze(1)?;
-            let logits = self.project(w, &last)?.to_dtype(DType::F32)?;
+            let logits = self.project(w, &BTreeMap::new(), &last)?.to_dtype(DType::F32)?;
             let next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
             if stop.contains(&next) {
                 break;

@@ -13,6 +13,8 @@ use crate::fused::{self, weight};
 use crate::quant::grid::TensorGrid;
 use crate::quant::{dist_loss, harden, stats, Method, Pull, View};
 
+type StepWeights = BTreeMap<String, Tensor>;
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StepReport {
     pub step: usize,
@@ -30,11 +32,13 @@ pub struct StepReport {
 }
 
 impl Trainer {
-    /// The step's compute weights at the training view. Projections go through `fused::weight` (one
-    /// op: grid point for a straight-through view on a uniform grid, cast, gradient accumulated into
-    /// `accumulators`); other views of projections are built on an accumulating f32 copy; the rest
-    /// (embeddings, norm gains) are the master weights or their view.
-    fn step_weights(&self, accumulators: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+    /// The step's compute weights at the training view, and the accumulators the model's fused linear
+    /// may add gradients into directly (those of compute copies whose gradient is the identity).
+    /// Projections go through `fused::weight` (one op: grid point for a straight-through view on a
+    /// uniform grid, cast, gradient accumulated into `accumulators`); other views of projections are
+    /// built on an accumulating f32 copy; the rest (embeddings, norm gains) are the master weights or
+    /// their view.
+    fn step_weights(&self, accumulators: &BTreeMap<String, Tensor>) -> Result<(StepWeights, StepWeights)> {
         let view = self.train_view();
         let quantizer = self
             .quant
@@ -42,31 +46,35 @@ impl Trainer {
             .map(|q| &q.quantizer)
             .filter(|_| view != View::Float);
         let dtype = self.compute_dtype;
-        self.params
-            .vars
-            .iter()
-            .map(|(name, var)| {
-                let x = var.as_tensor();
-                let selected = quantizer.and_then(|qz| qz.grids.get(name).map(|grid| (qz, grid)));
-                let w = match (accumulators.get(name), selected) {
-                    (Some(acc), None) => weight::compute_copy_accumulating(x, None, dtype, acc)?,
-                    (Some(acc), Some((_, TensorGrid::Uniform { scale, half_levels, .. }))) if view == View::Hard => {
-                        let on_grid = weight::OnGrid {
-                            scale: scale.clone(),
-                            half_levels: *half_levels,
-                        };
-                        weight::compute_copy_accumulating(x, Some(on_grid), dtype, acc)?
-                    }
-                    (Some(acc), Some((qz, _))) => {
-                        let copy = weight::compute_copy_accumulating(x, None, x.dtype(), acc)?;
-                        qz.view(name, &copy, view, true)?.to_dtype(dtype)?
-                    }
-                    (None, Some((qz, _))) => qz.view(name, x, view, true)?,
-                    (None, None) => x.clone(),
-                };
-                Ok((name.clone(), w))
-            })
-            .collect()
+        let mut weights = BTreeMap::new();
+        let mut direct = BTreeMap::new();
+        for (name, var) in &self.params.vars {
+            let x = var.as_tensor();
+            let selected = quantizer.and_then(|qz| qz.grids.get(name).map(|grid| (qz, grid)));
+            let on_grid = match selected {
+                Some((_, TensorGrid::Uniform { scale, half_levels, .. })) if view == View::Hard => {
+                    Some(weight::OnGrid {
+                        scale: scale.clone(),
+                        half_levels: *half_levels,
+                    })
+                }
+                _ => None,
+            };
+            let w = match (accumulators.get(name), selected) {
+                (Some(acc), Some((qz, _))) if on_grid.is_none() => {
+                    let copy = weight::compute_copy_accumulating(x, None, x.dtype(), acc)?;
+                    qz.view(name, &copy, view, true)?.to_dtype(dtype)?
+                }
+                (Some(acc), _) => {
+                    direct.insert(name.clone(), acc.clone());
+                    weight::compute_copy_accumulating(x, on_grid, dtype, acc)?
+                }
+                (None, Some((qz, _))) => qz.view(name, x, view, true)?,
+                (None, None) => x.clone(),
+            };
+            weights.insert(name.clone(), w);
+        }
+        Ok((weights, direct))
     }
 
     pub fn step(&mut self) -> Result<StepReport> {
@@ -90,7 +98,7 @@ impl Trainer {
         // adds their gradients into `accumulators` in place; embeddings and norm gains are summed here.
         // Data-parallel: this rank runs micro-batches rank, rank + world, … of the step's stream.
         let accumulators = self.params.projection_accumulators()?;
-        let weights = self.step_weights(&accumulators)?;
+        let (weights, grads_into) = self.step_weights(&accumulators)?;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = Tensor::zeros((), DType::F32, &self.model.device)?;
         let mut tokens = 0;
@@ -100,7 +108,7 @@ impl Trainer {
             self.stream.skip((world - 1 - rank) * t.micro_batch);
             tokens += batch.rows * batch.cols;
             let ids = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), &self.model.device)?;
-            let (loss, _) = self.model.loss(&weights, &ids, &batch.labels)?;
+            let (loss, _) = self.model.loss_into(&weights, &grads_into, &ids, &batch.labels)?;
             self.mark("forward")?;
             let step_grads = (&loss / accum as f64)?.backward()?;
             for (name, var) in &self.params.vars {
@@ -116,7 +124,7 @@ impl Trainer {
             loss_sum = (loss_sum + loss.detach().to_dtype(DType::F32)?)?;
             self.mark("backward")?;
         }
-        drop(weights);
+        drop((weights, grads_into));
         grads.extend(accumulators);
         // Sum the gradients, the loss and the token count over ranks (f32; a no-op on one device):
         // from here on every rank holds the same values and makes the same update.
