@@ -288,6 +288,29 @@ __device__ void accumulate(float *acc, const T *g, size_t n) {
 extern "C" __global__ void accumulate_f32(float *acc, const float *g, size_t n) { accumulate(acc, g, n); }
 extern "C" __global__ void accumulate_bf16(float *acc, const __nv_bfloat16 *g, size_t n) { accumulate(acc, g, n); }
 
+// The embedding lookup's backward: acc[id] += Σ g[t] over the tokens t with ids[t] = id, in place. Block
+// b takes token t = b when t is its id's first occurrence and sums that id's rows in token order: one
+// writer per row and one summation order, so no atomics and the same bits every run.
+template <typename T>
+__device__ void embedding_bwd(float *acc, const T *g, const unsigned int *ids, size_t tokens, size_t dim) {
+  for (size_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    const unsigned int id = ids[t];
+    bool first = true;
+    for (size_t u = 0; u < t && first; ++u) first = ids[u] != id;  // the same for the whole block
+    if (!first) continue;
+    for (size_t j = threadIdx.x; j < dim; j += blockDim.x) {
+      float sum = to_f(g[t * dim + j]);
+      for (size_t u = t + 1; u < tokens; ++u)
+        if (ids[u] == id) sum += to_f(g[u * dim + j]);
+      acc[(size_t)id * dim + j] += sum;
+    }
+  }
+}
+extern "C" __global__ void embedding_bwd_f32(float *acc, const float *g, const unsigned int *ids, size_t tokens,
+                                             size_t dim) { embedding_bwd(acc, g, ids, tokens, dim); }
+extern "C" __global__ void embedding_bwd_bf16(float *acc, const __nv_bfloat16 *g, const unsigned int *ids,
+                                              size_t tokens, size_t dim) { embedding_bwd(acc, g, ids, tokens, dim); }
+
 // Grid statistics of one f32 tensor on a uniform grid, one pass: per block, [hits (|x − q| ≤ atol),
 // q at an outermost level, |x| beyond L·s, Σ|x − q|] → partials[4 · blockIdx + k] (summed in f64 after).
 extern "C" __global__ void grid_counts_f32(const float *x, const float *scale, unsigned long long group,

@@ -363,6 +363,33 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             tol: if dtype == DType::F32 { 1e-4 } else { 2e-2 },
         });
     }
+    // The fused embedding lookup: rows, and the rows' gradients (ids repeat) added into the table's f32
+    // accumulator over two backward passes, for f32 and bf16 tables (and gradients).
+    for dtype in [DType::F32, DType::BF16] {
+        let table = randn(&[50, 96], 49, 1.0)?;
+        let ids: Vec<u32> = (0..300u32).map(|i| (i * 7 + i / 13) % 50).collect();
+        let run = |device: &Device| -> Result<(Tensor, Tensor)> {
+            let dt = if device.is_cuda() { dtype } else { DType::F32 };
+            let table = Var::from_tensor(&table.to_device(device)?.to_dtype(dt)?)?;
+            let ids = Tensor::new(ids.as_slice(), device)?;
+            let acc = Tensor::zeros((50, 96), DType::F32, device)?;
+            let mut looked_up = None;
+            for seed in [50, 51] {
+                let out = fused::embedding::embedding(table.as_tensor(), &ids, &acc)?;
+                let probe = randn(&[300, 96], seed, 1.0)?.to_device(device)?.to_dtype(dt)?;
+                let _ = (&out * probe)?.sum_all()?.backward()?;
+                looked_up = Some(out.to_dtype(DType::F32)?);
+            }
+            Ok((looked_up.context("computed")?, acc))
+        };
+        let ((out, acc), (out_ref, acc_ref)) = (run(cuda)?, run(&Device::Cpu)?);
+        rows.push(Row {
+            name: "fused embedding rows, accumulated grad".into(),
+            dtype,
+            err: rel_err(&out, &out_ref)?.max(rel_err(&acc, &acc_ref)?),
+            tol: if dtype == DType::F32 { 1e-5 } else { 2e-2 },
+        });
+    }
     let parts = [randn(&[1000, 77], 40, 1.0)?, randn(&[3], 41, 1.0)?];
     let on_cuda = parts
         .iter()

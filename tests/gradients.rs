@@ -5,6 +5,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{randn, to_vec_f64};
 use proxqat::fused::{self, Kernels};
+use proxqat::model::llama::{EMBEDDING, HEAD};
 use proxqat::model::{ops, Llama, LlamaConfig, Params};
 
 /// Compare autograd's gradient of `f` at `x0` with central differences on up to `probes` entries.
@@ -429,14 +430,16 @@ fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches()
         let view = |x: &Tensor| x.affine(if scaled { 2.0 } else { 1.0 }, 0.0);
         let mut want: std::collections::BTreeMap<String, Tensor> = Default::default();
         let plain = params.compute_weights(DType::F64, |_, x| Ok(view(x)?)).unwrap();
-        let acc = params.projection_accumulators().unwrap();
-        // As the training step builds them: the view (if any) on an accumulating copy.
-        let fused: std::collections::BTreeMap<String, Tensor> = params
+        let acc = params.gradient_accumulators().unwrap();
+        // As the training step builds them: the view (if any) on an accumulating copy; for `direct`,
+        // the embedding table is the master itself (fused lookup) and the tied head its own copy.
+        let mut fused: std::collections::BTreeMap<String, Tensor> = params
             .vars
             .iter()
             .map(|(name, var)| {
                 let x = var.as_tensor();
                 let w = match acc.get(name) {
+                    Some(_) if direct && name == EMBEDDING => x.clone(),
                     Some(a) => {
                         let copy = fused::weight::compute_copy_accumulating(x, None, DType::F64, a).unwrap();
                         view(&copy).unwrap()
@@ -446,10 +449,18 @@ fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches()
                 (name.clone(), w)
             })
             .collect();
+        let mut into = if direct { acc.clone() } else { Default::default() };
+        if direct {
+            let (table, a) = (params.vars[EMBEDDING].as_tensor(), &acc[EMBEDDING]);
+            fused.insert(
+                HEAD.into(),
+                fused::weight::compute_copy_accumulating(table, None, DType::F64, a).unwrap(),
+            );
+            into.insert(HEAD.into(), a.clone());
+        }
         let mut rest: std::collections::BTreeMap<String, Tensor> = Default::default();
         for ids in &batches {
             let g = model.loss(&plain, ids, &labels).unwrap().0.backward().unwrap();
-            let into = if direct { acc.clone() } else { Default::default() };
             let h = model
                 .loss_into(&fused, &into, ids, &labels)
                 .unwrap()
@@ -483,5 +494,33 @@ fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches()
             acc.keys().all(|n| !rest.contains_key(n)),
             "a projection also reached its Var"
         );
+    }
+}
+
+#[test]
+fn fused_and_reference_training_steps_make_the_same_updates() {
+    // The whole step on the CPU (f32): fused linear, fused embedding lookup and the tied head's compute
+    // copy against candle's autograd through the reference kernels, plain and with Prox-QAT at q(x).
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    common::tiny_model_dir(&model, 4);
+    let prox = "[quant]\nmethod = \"prox\"\npull = \"prox\"\ngrad_at = \"q\"\ndist_scale = 10.0\n";
+    for extra in ["", prox] {
+        let cfg = common::tiny_config(tmp.path(), &model, extra);
+        let run = |kernels: &str| {
+            let sets = [format!("train.kernels=\"{kernels}\""), "train.max_steps=3".into()];
+            let cfg = proxqat::config::Config::load(&cfg, &sets).unwrap();
+            let mut trainer = proxqat::train::Trainer::new(cfg, None).unwrap();
+            let losses: Vec<f64> = (0..3).map(|_| trainer.step().unwrap().loss).collect();
+            (losses, trainer.params.to_tensors())
+        };
+        let ((lf, wf), (lr, wr)) = (run("fused"), run("reference"));
+        for (a, b) in lf.iter().zip(&lr) {
+            assert!((a - b).abs() < 1e-5 * b.abs(), "loss {a} vs {b} ({extra:?})");
+        }
+        for (name, a) in &wf {
+            let d = max_diff(a, &wr[name]);
+            assert!(d < 1e-5, "{name}: {d:.2e} after 3 steps ({extra:?})");
+        }
     }
 }

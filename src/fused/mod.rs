@@ -12,6 +12,7 @@
 
 pub mod adamw;
 pub mod cross_entropy;
+pub mod embedding;
 pub mod grid;
 pub mod linear;
 pub mod rms_norm;

@@ -90,12 +90,13 @@ impl Params {
             .collect()
     }
 
-    /// Zeroed gradient accumulators (f32; f64 for f64 weights) for the projections, whose compute
-    /// copies add their gradients into them in place (`fused::weight`).
-    pub fn projection_accumulators(&self) -> Result<BTreeMap<String, Tensor>> {
+    /// Zeroed gradient accumulators (f32; f64 for f64 weights) for the matrices (projections and the
+    /// embedding table), whose compute copies and fused lookups add their gradients into them in place
+    /// (`fused::weight`, `fused::linear`, `fused::embedding`).
+    pub fn gradient_accumulators(&self) -> Result<BTreeMap<String, Tensor>> {
         self.vars
             .iter()
-            .filter(|(name, var)| is_projection(name, var.as_tensor()))
+            .filter(|(_, var)| var.rank() == 2)
             .map(|(name, var)| {
                 let dtype = ops::stat_dtype(var.dtype());
                 Ok((name.clone(), Tensor::zeros(var.shape(), dtype, var.device())?))
@@ -112,6 +113,11 @@ impl Params {
 }
 
 /// Projection matrices run in the compute dtype; embeddings and norm gains stay in the master dtype.
+/// The token embedding table (also the output head of a tied model).
+pub const EMBEDDING: &str = "model.embed_tokens.weight";
+/// The output head: an untied model's own weight, or the step's compute copy of a tied embedding.
+pub const HEAD: &str = "lm_head.weight";
+
 fn is_projection(name: &str, w: &Tensor) -> bool {
     w.rank() == 2 && !name.contains("embed_tokens")
 }
@@ -190,7 +196,11 @@ impl Llama {
                 ops::rms_norm(x, w, eps)?
             })
         };
-        let mut x = get("model.embed_tokens.weight".into())?.index_select(&ids.flatten_all()?, 0)?;
+        let table = get(EMBEDDING.into())?;
+        let mut x = match grads_into.get(EMBEDDING) {
+            Some(acc) if fused => fused::embedding::embedding(table, &ids.flatten_all()?, acc)?,
+            _ => table.index_select(&ids.flatten_all()?, 0)?,
+        };
         x = x.reshape((b, t, cfg.hidden_size))?;
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");

@@ -10,6 +10,7 @@ use super::optim::Update;
 use super::{schedule, Trainer};
 use crate::dist::ReduceOp;
 use crate::fused::{self, weight};
+use crate::model::llama::{EMBEDDING, HEAD};
 use crate::quant::grid::TensorGrid;
 use crate::quant::{dist_loss, harden, stats, Method, Pull, View};
 
@@ -51,6 +52,17 @@ impl Trainer {
         for (name, var) in &self.params.vars {
             let x = var.as_tensor();
             let selected = quantizer.and_then(|qz| qz.grids.get(name).map(|grid| (qz, grid)));
+            if let (EMBEDDING, Some(acc), None) = (name.as_str(), accumulators.get(name), selected) {
+                // The lookup reads the f32 table (as autocast does) and adds its rows' gradients into
+                // the accumulator; a tied head gets its own compute copy, accumulating into the same.
+                weights.insert(name.clone(), x.clone());
+                direct.insert(name.clone(), acc.clone());
+                if self.model_cfg.tie_word_embeddings {
+                    weights.insert(HEAD.into(), weight::compute_copy_accumulating(x, None, dtype, acc)?);
+                    direct.insert(HEAD.into(), acc.clone());
+                }
+                continue;
+            }
             let on_grid = match selected {
                 Some((_, TensorGrid::Uniform { scale, half_levels, .. })) if view == View::Hard => {
                     Some(weight::OnGrid {
@@ -60,7 +72,9 @@ impl Trainer {
                 }
                 _ => None,
             };
-            let w = match (accumulators.get(name), selected) {
+            // A selected table is looked up at its view, through autograd.
+            let acc = accumulators.get(name).filter(|_| name != EMBEDDING);
+            let w = match (acc, selected) {
                 (Some(acc), Some((qz, _))) if on_grid.is_none() => {
                     let copy = weight::compute_copy_accumulating(x, None, x.dtype(), acc)?;
                     qz.view(name, &copy, view, true)?.to_dtype(dtype)?
@@ -97,7 +111,7 @@ impl Trainer {
         // let every micro-batch's backward run through the same graph nodes. The projections' backward
         // adds their gradients into `accumulators` in place; embeddings and norm gains are summed here.
         // Data-parallel: this rank runs micro-batches rank, rank + world, … of the step's stream.
-        let accumulators = self.params.projection_accumulators()?;
+        let accumulators = self.params.gradient_accumulators()?;
         let (weights, grads_into) = self.step_weights(&accumulators)?;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = Tensor::zeros((), DType::F32, &self.model.device)?;
@@ -125,7 +139,14 @@ impl Trainer {
             self.mark("backward")?;
         }
         drop((weights, grads_into));
-        grads.extend(accumulators);
+        for (name, acc) in accumulators {
+            // Under the reference kernels a table's lookup gradient went through autograd.
+            let total = match grads.remove(&name) {
+                Some(g) => (g + acc)?,
+                None => acc,
+            };
+            grads.insert(name, total);
+        }
         // Sum the gradients, the loss and the token count over ranks (f32; a no-op on one device):
         // from here on every rank holds the same values and makes the same update.
         let totals = Tensor::stack(&[loss_sum, Tensor::new(tokens as f32, &self.model.device)?], 0)?;
