@@ -33,12 +33,13 @@ pub struct StepReport {
 }
 
 impl Trainer {
-    /// The step's compute weights at the training view, and the accumulators the model's fused linear
-    /// may add gradients into directly (those of compute copies whose gradient is the identity).
+    /// The step's compute weights at the training view, and `grads_into`: the accumulators the model
+    /// adds gradients into directly (compute copies whose gradient is the identity, and the table).
     /// Projections go through `fused::weight` (one op: grid point for a straight-through view on a
-    /// uniform grid, cast, gradient accumulated into `accumulators`); other views of projections are
-    /// built on an accumulating f32 copy; the rest (embeddings, norm gains) are the master weights or
-    /// their view.
+    /// uniform grid, cast, gradient accumulated into `accumulators`); the embedding table stays the
+    /// f32 master, looked up by `fused::embedding`, and a tied head gets its own compute copy; other
+    /// views of selected tensors are built on an accumulating f32 copy; norm gains are the master
+    /// weights or their view.
     fn step_weights(&self, accumulators: &BTreeMap<String, Tensor>) -> Result<(StepWeights, StepWeights)> {
         let view = self.train_view();
         let quantizer = self
@@ -108,8 +109,8 @@ impl Trainer {
 
         // 2. Micro-batches: forward at the training view, backward f/accum, accumulate gradients.
         // The weights do not change within a step: cast (and quantize, for STE / grad at q) once, and
-        // let every micro-batch's backward run through the same graph nodes. The projections' backward
-        // adds their gradients into `accumulators` in place; embeddings and norm gains are summed here.
+        // let every micro-batch's backward run through the same graph nodes. The matrices' backward
+        // adds their gradients into `accumulators` in place; the norm gains' are summed here.
         // Data-parallel: this rank runs micro-batches rank, rank + world, … of the step's stream.
         let accumulators = self.params.gradient_accumulators()?;
         let (weights, grads_into) = self.step_weights(&accumulators)?;
