@@ -38,8 +38,30 @@ pub fn pick_device(choice: DeviceChoice, ordinal: usize) -> Result<Device> {
     if let Device::Cuda(d) = &device {
         // SAFETY: one stream only, and no tensor exists on this device yet.
         unsafe { d.disable_event_tracking() };
+        keep_freed_memory(d)?;
     }
     Ok(device)
+}
+
+/// Keep freed device memory in the stream-ordered pool cudarc allocates from, as PyTorch's caching
+/// allocator does. With CUDA's default release threshold (0) every synchronization hands the free
+/// memory back to the driver and the next allocations map it again; and memory use read after a
+/// synchronization misses the peak in between. With the pool kept, `device_used_bytes` is the pool's
+/// high-water mark: what PyTorch reports as `max_memory_reserved`.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(device: &candle_core::CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let mut threshold = u64::MAX;
+    // SAFETY: the device handle comes from a live context; the attribute takes a u64.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(device.cuda_stream().context().cu_device())?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )?;
+    }
+    Ok(())
 }
 
 /// (master dtype, compute dtype) for a precision on a device.
