@@ -75,7 +75,7 @@ impl Rank {
             if train.devices > 1 {
                 bail!(
                     "train.devices = {}: the ranks are processes started by `proxqat train` (or `bench`) itself; \
-                     run through the CLI, or build the ranks yourself with `Rank::new`",
+                     run through the CLI (library users build each `Rank` from a device and a `Collective`)",
                     train.devices
                 );
             }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use common::{tiny_config, tiny_model_dir};
 use proxqat::config::Config;
 use proxqat::dist::{InProcess, Rank, ReduceOp};
@@ -33,27 +33,32 @@ fn config(dir: &Path, model: &Path, devices: usize, steps: usize) -> Config {
     Config::load(&path, &sets).unwrap()
 }
 
-/// Run `world` ranks as threads to the end; each returns its final weights' bit patterns.
-fn run_ranks(cfg: &Config, resume: Option<&Path>, world: usize) -> Vec<BTreeMap<String, Vec<u32>>> {
-    let ranks = InProcess::group(world);
+/// `f` on `world` CPU ranks joined by the in-process all-reduce, one thread each; results in rank order.
+fn on_ranks<T: Send>(world: usize, f: impl Fn(Rank) -> T + Sync) -> Vec<T> {
+    let f = &f;
     std::thread::scope(|s| {
-        let handles: Vec<_> = ranks
+        let handles: Vec<_> = InProcess::group(world)
             .into_iter()
             .map(|peer| {
-                let cfg = cfg.clone();
                 s.spawn(move || {
-                    let rank = Rank {
+                    f(Rank {
                         device: Device::Cpu,
                         collective: Box::new(peer),
-                    };
-                    let mut trainer = Trainer::on_rank(cfg, resume, rank).unwrap();
-                    trainer.run().unwrap();
-                    let tensors = trainer.params.to_tensors();
-                    tensors.iter().map(|(k, t)| (k.clone(), common::bits(t))).collect()
+                    })
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Train `world` ranks to the end; each returns its final weights' bit patterns.
+fn run_ranks(cfg: &Config, resume: Option<&Path>, world: usize) -> Vec<BTreeMap<String, Vec<u32>>> {
+    on_ranks(world, |rank| {
+        let mut trainer = Trainer::on_rank(cfg.clone(), resume, rank).unwrap();
+        trainer.run().unwrap();
+        let tensors = trainer.params.to_tensors();
+        tensors.iter().map(|(k, t)| (k.clone(), common::bits(t))).collect()
     })
 }
 
@@ -134,75 +139,41 @@ fn two_ranks_match_one_and_stay_identical_and_resume_on_either_count() {
 
 #[test]
 fn diverged_ranks_are_caught() {
-    let ranks = InProcess::group(2);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ranks
-            .into_iter()
-            .map(|peer| {
-                s.spawn(move || {
-                    let r = peer_rank(peer);
-                    // Rank 1 holds one weight one ulp away.
-                    let x = if r.index() == 0 {
-                        1.0f32
-                    } else {
-                        f32::from_bits(1.0f32.to_bits() + 1)
-                    };
-                    let same = BTreeMap::from([(
-                        "w".to_string(),
-                        candle_core::Tensor::new(&[0.5f32, 2.0], &Device::Cpu).unwrap(),
-                    )]);
-                    let differ = BTreeMap::from([(
-                        "w".to_string(),
-                        candle_core::Tensor::new(&[0.5f32, x], &Device::Cpu).unwrap(),
-                    )]);
-                    let agreed = r.check_identical(&same).unwrap();
-                    let err = r.check_identical(&differ).unwrap_err().to_string();
-                    (agreed, err)
-                })
-            })
-            .collect();
-        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        assert_eq!(results[0].0, results[1].0, "identical weights give one fingerprint");
-        for (_, err) in &results {
-            assert!(err.contains("weights differ"), "{err}");
-        }
+    let results = on_ranks(2, |r| {
+        // Rank 1 holds one weight one ulp away.
+        let x = if r.index() == 0 {
+            1.0f32
+        } else {
+            f32::from_bits(1.0f32.to_bits() + 1)
+        };
+        let tensor = |v: [f32; 2]| BTreeMap::from([("w".to_string(), Tensor::new(&v, &Device::Cpu).unwrap())]);
+        let agreed = r.check_identical(&tensor([0.5, 2.0])).unwrap();
+        let err = r.check_identical(&tensor([0.5, x])).unwrap_err().to_string();
+        (agreed, err)
     });
+    assert_eq!(results[0].0, results[1].0, "identical weights give one fingerprint");
+    for (_, err) in &results {
+        assert!(err.contains("weights differ"), "{err}");
+    }
 }
 
 #[test]
 fn in_process_all_reduce_sums_in_rank_order_and_takes_max_min() {
-    let ranks = InProcess::group(3);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ranks
-            .into_iter()
-            .map(|peer| {
-                s.spawn(move || {
-                    let r = peer_rank(peer);
-                    let v = (r.index() + 1) as f32;
-                    let sum = candle_core::Tensor::new(&[v, 0.1 * v, 1e8], &Device::Cpu).unwrap();
-                    let max = candle_core::Tensor::new(&[v, -v], &Device::Cpu).unwrap();
-                    let min = max.copy().unwrap();
-                    r.collective.all_reduce_in_place(&[&sum], ReduceOp::Sum).unwrap();
-                    r.collective.all_reduce_in_place(&[&max], ReduceOp::Max).unwrap();
-                    r.collective.all_reduce_in_place(&[&min], ReduceOp::Min).unwrap();
-                    let get = |t: &candle_core::Tensor| t.to_vec1::<f32>().unwrap();
-                    (get(&sum), get(&max), get(&min))
-                })
-            })
-            .collect();
-        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        let expected_sum = vec![6.0, (0.1f32 + 0.2f32) + 0.3f32, 3e8];
-        for (sum, max, min) in &results {
-            assert_eq!(sum, &expected_sum);
-            assert_eq!(max, &vec![3.0, -1.0]);
-            assert_eq!(min, &vec![1.0, -3.0]);
-        }
+    let results = on_ranks(3, |r| {
+        let v = (r.index() + 1) as f32;
+        let sum = Tensor::new(&[v, 0.1 * v, 1e8], &Device::Cpu).unwrap();
+        let max = Tensor::new(&[v, -v], &Device::Cpu).unwrap();
+        let min = max.copy().unwrap();
+        r.collective.all_reduce_in_place(&[&sum], ReduceOp::Sum).unwrap();
+        r.collective.all_reduce_in_place(&[&max], ReduceOp::Max).unwrap();
+        r.collective.all_reduce_in_place(&[&min], ReduceOp::Min).unwrap();
+        let get = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+        (get(&sum), get(&max), get(&min))
     });
-}
-
-fn peer_rank(peer: InProcess) -> Rank {
-    Rank {
-        device: Device::Cpu,
-        collective: Box::new(peer),
+    let expected_sum = vec![6.0, (0.1f32 + 0.2f32) + 0.3f32, 3e8];
+    for (sum, max, min) in &results {
+        assert_eq!(sum, &expected_sum);
+        assert_eq!(max, &vec![3.0, -1.0]);
+        assert_eq!(min, &vec![1.0, -3.0]);
     }
 }
