@@ -115,17 +115,19 @@ impl Rank {
     }
 }
 
-/// A 64-bit fingerprint of the names and bit patterns of `tensors` (values as f32, which every
-/// master dtype converts to exactly).
+/// A 64-bit fingerprint (FNV-1a) of the names and bit patterns of `tensors` (f64 values as f64, the
+/// rest as f32, which f32, bf16 and f16 convert to exactly).
 pub fn fingerprint(tensors: &BTreeMap<String, Tensor>) -> Result<u64> {
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |word: u64| h = (h ^ word).wrapping_mul(PRIME);
     for (name, t) in tensors {
-        for b in name.bytes() {
-            h = (h ^ b as u64).wrapping_mul(PRIME);
-        }
-        for x in t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
-            h = (h ^ x.to_bits() as u64).wrapping_mul(PRIME);
+        name.bytes().for_each(|b| mix(b as u64));
+        let t = t.flatten_all()?;
+        if t.dtype() == DType::F64 {
+            t.to_vec1::<f64>()?.iter().for_each(|x| mix(x.to_bits()));
+        } else {
+            t.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().for_each(|x| mix(x.to_bits() as u64));
         }
     }
     Ok(h)
