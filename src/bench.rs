@@ -132,8 +132,9 @@ pub fn run(a: &BenchArgs) -> Result<Option<BenchResult>> {
         tokenizer,
     };
     let mut trainer = Trainer::from_parts(cfg, loaded, records, None, rank).context("building the bench trainer")?;
-    trainer.step()?; // warm-up: kernels, allocator pools, Adam state
-                     // Throughput: plain steps, as in training (no synchronization beyond the step's one host read).
+    // Warm-up (kernels, allocator pools, Adam state), then the throughput of plain steps, as in
+    // training (no synchronization beyond the step's one host read).
+    trainer.step()?;
     let started = std::time::Instant::now();
     for _ in 0..a.steps {
         trainer.step()?;

@@ -127,7 +127,10 @@ pub fn fingerprint(tensors: &BTreeMap<String, Tensor>) -> Result<u64> {
         if t.dtype() == DType::F64 {
             t.to_vec1::<f64>()?.iter().for_each(|x| mix(x.to_bits()));
         } else {
-            t.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().for_each(|x| mix(x.to_bits() as u64));
+            t.to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .for_each(|x| mix(x.to_bits() as u64));
         }
     }
     Ok(h)
