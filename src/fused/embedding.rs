@@ -103,16 +103,7 @@ impl InplaceOp3 for AddRows {
                     .zip(&g[u * dim..(u + 1) * dim])
                     .for_each(|(s, g)| *s += g);
             }
-            let row = start + id as usize * dim;
-            match acc {
-                CpuStorage::F32(a) => a[row..row + dim].iter_mut().zip(sum).for_each(|(a, s)| *a += s as f32),
-                CpuStorage::F64(a) => a[row..row + dim].iter_mut().zip(sum).for_each(|(a, s)| *a += s),
-                other => candle_core::bail!(
-                    "{}: accumulator must be f32 or f64, got {:?}",
-                    self.name(),
-                    other.dtype()
-                ),
-            }
+            super::add_to_host_accumulator(acc, start + id as usize * dim, sum, self.name())?;
         }
         Ok(())
     }

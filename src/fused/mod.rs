@@ -63,6 +63,21 @@ pub(crate) fn as_kernel_stat(v: f64, data: DType) -> f64 {
     }
 }
 
+/// `acc[start + i] += values[i]` on a CPU accumulator (f32 or f64), the values computed in f64.
+pub(crate) fn add_to_host_accumulator(
+    acc: &mut CpuStorage,
+    start: usize,
+    values: impl IntoIterator<Item = f64>,
+    op: &str,
+) -> Result<()> {
+    match acc {
+        CpuStorage::F32(a) => a[start..].iter_mut().zip(values).for_each(|(a, v)| *a += v as f32),
+        CpuStorage::F64(a) => a[start..].iter_mut().zip(values).for_each(|(a, v)| *a += v),
+        other => candle_core::bail!("{op}: accumulator must be f32 or f64, got {:?}", other.dtype()),
+    }
+    Ok(())
+}
+
 /// Host values rounded to `dtype`.
 pub(crate) fn cpu_storage(values: Vec<f64>, dtype: DType) -> Result<CpuStorage> {
     Ok(match dtype {

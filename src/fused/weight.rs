@@ -139,17 +139,8 @@ impl InplaceOp2 for AddInto {
 
     fn cpu_fwd(&self, acc: &mut CpuStorage, al: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
         let g = super::host_f64(g, gl, self.name())?;
-        let (start, end) = super::contiguous_range(al, self.name())?;
-        match acc {
-            CpuStorage::F32(a) => a[start..end].iter_mut().zip(g).for_each(|(a, g)| *a += g as f32),
-            CpuStorage::F64(a) => a[start..end].iter_mut().zip(g).for_each(|(a, g)| *a += g),
-            other => candle_core::bail!(
-                "{}: accumulator must be f32 or f64, got {:?}",
-                self.name(),
-                other.dtype()
-            ),
-        }
-        Ok(())
+        let (start, _) = super::contiguous_range(al, self.name())?;
+        super::add_to_host_accumulator(acc, start, g, self.name())
     }
 
     #[cfg(feature = "cuda")]
