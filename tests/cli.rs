@@ -140,6 +140,12 @@ fn bad_configs_are_refused_with_the_key_named() {
         ("[quant.grid]\nlevels = [0.1, -0.1]\n", "ascending"),
         ("[quant.grid]\nbits = 12\n", "quant.grid.bits"),
         ("[quant]\natol = -1.0\n", "quant.atol"),
+        // Learned scales need the forward at q(x) (the default Prox-QAT takes the gradient at x).
+        ("[quant]\nscale_lr_mult = 1.0\n", "grad_at = \"q\""),
+        (
+            "[quant]\nmethod = \"ste\"\nscale_lr_mult = -1.0\n",
+            "quant.scale_lr_mult",
+        ),
     ];
     for (extra, needle) in cases {
         let cfg = tiny_config(tmp.path(), &model, extra);

@@ -19,8 +19,12 @@ const QUANT: &str =
 [quant.grid]\nbits = 4\nscale = \"group\"\ngroup_size = 16\n";
 
 fn config(dir: &Path, model: &Path, devices: usize, steps: usize) -> Config {
+    config_with(dir, model, devices, steps, QUANT)
+}
+
+fn config_with(dir: &Path, model: &Path, devices: usize, steps: usize, quant: &str) -> Config {
     std::fs::create_dir_all(dir).unwrap();
-    let path = tiny_config(dir, model, QUANT);
+    let path = tiny_config(dir, model, quant);
     let sets = [
         format!("train.devices={devices}"),
         "train.micro_batch=2".into(),
@@ -135,6 +139,29 @@ fn two_ranks_match_one_and_stay_identical_and_resume_on_either_count() {
             "{name}: final weights differ from the 1-rank run by {drift:.2e}"
         );
     }
+}
+
+/// Learned scales are updated from the reduced gradients: the ranks stay bit-identical and follow the
+/// one-rank curve. (Weights are not compared with the one-rank run element by element: a scale whose
+/// f32 master differs in the last bit can round to a neighbouring f16 value.)
+#[test]
+fn learned_scales_stay_identical_across_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model_dir(&model, 8);
+    let quant = QUANT.replacen("[quant]\n", "[quant]\ngrad_at = \"q\"\nscale_lr_mult = 1.0\n", 1);
+    let one = config_with(&tmp.path().join("one"), &model, 1, 6, &quant);
+    run_ranks(&one, None, 1);
+    let two = config_with(&tmp.path().join("two"), &model, 2, 6, &quant);
+    let weights_two = run_ranks(&two, None, 2);
+    assert_eq!(weights_two[0], weights_two[1], "rank 0 and rank 1 weights differ");
+    let (curve_one, curve_two) = (curve(&one.train.out_dir), curve(&two.train.out_dir));
+    assert_same_curve(
+        &curve_one,
+        &curve_two,
+        1e-4,
+        "learned scales: 1 rank × 4 vs 2 ranks × 2",
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! A run killed with SIGKILL after a checkpoint and resumed produces the same per-step losses, bit for
-//! bit, as an uninterrupted run (CPU, f32; Prox-QAT state included: λ, γ, sensitivity, scales, Adam).
+//! bit, as an uninterrupted run (CPU, f32; Prox-QAT state included: λ, γ, sensitivity, learned scales
+//! with their moments, Adam).
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const QUANT: &str = "[quant]\nmethod = \"prox\"\ndist_scale = 10.0\nstats_every = 1\n[quant.gamma]\nenable = true\nevery = 2\n[quant.grid]\nbits = 4\nscale = \"group\"\ngroup_size = 16\n";
+const QUANT: &str = "[quant]\nmethod = \"prox\"\ndist_scale = 10.0\nstats_every = 1\ngrad_at = \"q\"\nscale_lr_mult = 1.0\n[quant.gamma]\nenable = true\nevery = 2\n[quant.grid]\nbits = 4\nscale = \"group\"\ngroup_size = 16\n";
 const SETS: [&str; 6] = [
     "train.max_steps=30",
     "train.save_every=3",

@@ -24,4 +24,12 @@ row = {
     "wall_s": float(wall),
     "steps": last_train["step"],
 }
+# The validation curve (EVAL_EVERY): the best checkpoint by validation loss, as a user who keeps the
+# best checkpoint would ship it. A QAT run ships q(x) (its hardened model), the fp run its float
+# weights, and RTN rounds the fp weights of the fp run's best step (the eval's q: scales of the start).
+evals = [r for r in records if r["kind"] == "eval"]
+if len(evals) > 1:
+    key = "val_loss_fp" if method in ("fp", "rtn") else "val_loss_q"
+    best = min(evals, key=lambda r: r[key])
+    row.update(best_step=best["step"], best_val=best[key], best_val_q=best["val_loss_q"])
 print(json.dumps(row))

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The w432.sh table: per grid, fp / RTN / STE / Prox-QAT rows and the fraction of the RTN gap each
 recovers, (val_RTN − val_method) / (val_RTN − val_fp), on hardened validation loss.
-usage: summarize.py OUT   (the fp run is the row named "fp"; writes OUT/results.json, prints markdown)"""
+usage: summarize.py OUT [FP_GRID]   (the fp run is the row named "fp", its hit rate and curve's q measured
+on FP_GRID, default w4g32; writes OUT/results.json, prints markdown)"""
 import json
 import os
 import sys
 
 out, fp_name = sys.argv[1], "fp"
+fp_grid = sys.argv[2] if len(sys.argv) > 2 else "w4g32"
 rows = [json.load(open(f"{out}/rows/{f}")) for f in sorted(os.listdir(f"{out}/rows"))]
 fp = next(r for r in rows if r["name"] == fp_name)
 fp_text = json.load(open(f"{out}/runs/fp-text-fp.json"))["text_ppl"]
@@ -21,8 +23,9 @@ lines = [
 ]
 for g in grids:
     rtn = next((r for r in rows if r["grid"] == g and r["method"] == "rtn"), None)
-    rows_g = [r for r in rows if r["grid"] == g and r["method"].split("@")[0] in order]
-    for r in sorted(rows_g, key=lambda r: (order[r["method"].split("@")[0]], r["method"])):
+    base = lambda m: m.split("@")[0].split("+")[0]  # METHOD[+lsM][@C]
+    rows_g = [r for r in rows if r["grid"] == g and base(r["method"]) in order]
+    for r in sorted(rows_g, key=lambda r: (order[base(r["method"])], r["method"])):
         gap = None
         if rtn and r["method"] != "rtn" and rtn["val_hard"] > fp["val_fp"]:
             gap = (rtn["val_hard"] - r["val_hard"]) / (rtn["val_hard"] - fp["val_fp"])
@@ -32,6 +35,27 @@ for g in grids:
             f"| {g} | {r['method']} | {r['val_fp']:.4f} | {r['val_hard']:.4f} | {r['ratio_to_fp']:.3f} | "
             f"{fmt(gap, '{:.0%}')} | {r['text_ppl_hard']:.3f} | {fmt(r['hit_rate'], '{:.3f}')} | "
             f"{fmt(r['sat_rate'], '{:.3f}')} | {r['wall_s']:.0f} |"
+        )
+if "best_val" in fp:
+    # Best checkpoint by validation loss (evaluated every EVAL_EVERY steps): RTN is the fp run's best
+    # checkpoint rounded, so an fp run that overfits late does not flatter the QAT rows.
+    rtn_best = fp["best_val_q"]
+    lines += [
+        "",
+        f"Best checkpoint by validation loss: fp {fp['best_val']:.4f} at step {fp['best_step']}, "
+        f"RTN of it {rtn_best:.4f}",
+        "",
+        f"| grid ({fp_grid} only) | method | best step | val loss hardened | ×fp | RTN gap recovered |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "best_val" not in r or r["method"] in ("fp", "rtn") or r["grid"] != fp_grid:
+            continue
+        gap = (rtn_best - r["best_val"]) / (rtn_best - fp["best_val"])
+        r["best_rtn_gap_recovered"] = gap
+        lines.append(
+            f"| {r['grid']} | {r['method']} | {r['best_step']} | {r['best_val']:.4f} | "
+            f"{r['best_val'] / fp['best_val']:.3f} | {gap:.0%} |"
         )
 json.dump({"fp": fp, "fp_text_ppl": fp_text, "rows": rows}, open(f"{out}/results.json", "w"), indent=1)
 print("\n".join(lines))

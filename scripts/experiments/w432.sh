@@ -6,7 +6,9 @@
 #
 # usage: scripts/experiments/w432.sh BIN SMOLLM2.gguf ALPACA.json OUT
 # env:   STEPS (50) MB (4) GB (16) VAL (100 records) JOBS (6 runs at once on one GPU) GRIDS METHODS
+#        (METHOD[+lsM][@C], e.g. prox-prox-q+ls0.3@2000: learned scales at 0.3 × lr, pull c = 2000)
 #        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
+#        EVAL_EVERY (0: final only; N: a validation curve, and summarize.py adds a best-checkpoint table)
 # Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table.
 set -euo pipefail
 bin=$(realpath "$1"); gguf=$(realpath "$2"); data=$(realpath "$3"); out=$4
@@ -32,10 +34,15 @@ grid_toml() { # w4g32 → bits 4, per group of 32; w3ch → bits 3, per channel
   if [ "$kind" = ch ]; then printf 'bits = %s\nscale = "channel"\n' "$bits"
   else printf 'bits = %s\nscale = "group"\ngroup_size = 32\n' "$bits"; fi
 }
-method_toml() { # METHOD[@C]: the pull coefficient c after @ overrides C_LOSS / C_PROX
-  local c=""
+method_toml() { # METHOD[+lsM][@C]: c after @ overrides C_LOSS / C_PROX; +ls learns the grid's scales
+  local c="" m=${1%@*}
   [[ $1 == *@* ]] && c=${1#*@}
-  case ${1%@*} in
+  if [[ $m == *+ls* ]]; then # at M × the weights' lr (M from SCALE_LR_MULT, 1.0, when not given)
+    local mult=${m#*+ls}
+    printf 'scale_lr_mult = %s\n' "${mult:-${SCALE_LR_MULT:-1.0}}"
+    m=${m%+ls*}
+  fi
+  case $m in
     fp) echo 'method = "fp"' ;;
     ste) echo 'method = "ste"' ;;
     prox-loss) printf 'method = "prox"\npull = "loss"\ndist_scale = %s\n' "${c:-${C_LOSS:-10.0}}" ;;
@@ -65,7 +72,7 @@ log_every = 5
 seed = 1337
 device = "$device"
 [eval]
-every = 0
+every = ${EVAL_EVERY:-0}
 initial = false
 final = true
 max_batches = 100
@@ -112,7 +119,7 @@ for g in $grids; do
   python3 "$here/row.py" "$g-rtn" "$g" rtn "$out/runs/fp" 0 > "$out/rows/$g-rtn.json"
 done
 [ -s "$out/runs/fp-text-fp.json" ] || $bin eval --ckpt "$out/runs/fp" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/fp-text-fp.json"
-python3 "$here/summarize.py" "$out" | tee "$out/table.md"
+python3 "$here/summarize.py" "$out" "$fp_grid" | tee "$out/table.md"
 
 # The HF export of a hardened Prox-QAT model, loaded by transformers: loss, logits and gradients agree.
 if [ "${EXPORT_CHECK:-0}" = 1 ]; then

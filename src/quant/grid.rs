@@ -183,15 +183,9 @@ impl TensorGrid {
     /// Nearest grid point of `w` (same shape and dtype as `w`).
     pub fn quantize(&self, w: &Tensor) -> Result<Tensor> {
         match self {
-            TensorGrid::Uniform {
-                view,
-                scale,
-                half_levels,
-            } => {
-                let scale = scale.to_dtype(w.dtype())?;
-                let y = w.reshape(view.as_slice())?.broadcast_div(&scale)?;
-                let r = round_half_even(&y)?.clamp(-half_levels, *half_levels)?;
-                Ok(r.broadcast_mul(&scale)?.reshape(w.shape())?)
+            TensorGrid::Uniform { scale, .. } => {
+                let r = self.codes(w)?.expect("uniform grids have codes");
+                Ok(r.broadcast_mul(&scale.to_dtype(w.dtype())?)?.reshape(w.shape())?)
             }
             TensorGrid::Levels(levels) => {
                 // Walk the midpoints upwards; `>` keeps a tie at the lower level.
@@ -204,6 +198,47 @@ impl TensorGrid {
                 Ok(q)
             }
         }
+    }
+
+    /// The integer level of each weight, `clamp(round_half_even(w/s), ±L)`, in the grid's view shape
+    /// (`None` for explicit levels).
+    pub fn codes(&self, w: &Tensor) -> Result<Option<Tensor>> {
+        let TensorGrid::Uniform {
+            view,
+            scale,
+            half_levels,
+        } = self
+        else {
+            return Ok(None);
+        };
+        let y = w.reshape(view.as_slice())?.broadcast_div(&scale.to_dtype(w.dtype())?)?;
+        Ok(Some(round_half_even(&y)?.clamp(-half_levels, *half_levels)?))
+    }
+
+    /// `∂/∂s Σ g·q(w)` at fixed `w`: q = s·r with the code r piecewise constant in s, so the derivative
+    /// is `Σ_group g·r`, exact wherever no weight sits on a rounding boundary. Shaped like the scale;
+    /// `None` for explicit levels.
+    pub fn scale_gradient(&self, w: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // Summed in f32 at least (bf16 master weights), in f64 for f64 references.
+        let dtype = if w.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let (Some(r), TensorGrid::Uniform { view, .. }) = (self.codes(&w.detach().to_dtype(dtype)?)?, self) else {
+            return Ok(None);
+        };
+        let g = g.to_dtype(dtype)?.reshape(view.as_slice())?;
+        Ok(Some((g * r)?.sum_keepdim(D::Minus1)?))
+    }
+
+    /// Replace a uniform grid's scale (learned scales), rounded to f16 as computed scales are, and
+    /// detached: a scale computed from a variable must not pull autograd through every use.
+    pub fn set_scale(&mut self, new: &Tensor) -> Result<()> {
+        if let TensorGrid::Uniform { scale, .. } = self {
+            *scale = f16_exact(&new.detach().reshape(scale.shape())?)?;
+        }
+        Ok(())
     }
 
     /// The largest representable magnitude per scale group (`L·s`), broadcastable over the view.

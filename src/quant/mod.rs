@@ -4,6 +4,7 @@ pub mod controllers;
 pub mod dist_loss;
 pub mod grid;
 pub mod harden;
+pub mod scales;
 pub mod selector;
 pub mod sensitivity;
 pub mod stats;
@@ -65,6 +66,9 @@ pub struct QuantConfig {
     pub harden_at: Option<usize>,
     /// Compute hit/sat stats (and update γ) every N optimizer steps.
     pub stats_every: usize,
+    /// Learn the uniform grid's scales with AdamW at this multiple of the weights' learning rate
+    /// (absent: scales stay those computed from the starting weights).
+    pub scale_lr_mult: Option<f64>,
     pub grid: GridConfig,
     pub select: SelectorConfig,
     pub dual: DualConfig,
@@ -82,6 +86,7 @@ impl Default for QuantConfig {
             dist_scale: 1.0,
             harden_at: None,
             stats_every: 10,
+            scale_lr_mult: None,
             grid: GridConfig::default(),
             select: SelectorConfig::default(),
             dual: DualConfig::default(),
@@ -105,6 +110,21 @@ impl QuantConfig {
         }
         if self.stats_every == 0 || (self.gamma.enable && self.gamma.every == 0) {
             bail!("quant.stats_every and quant.gamma.every must be ≥ 1");
+        }
+        if let Some(mult) = self.scale_lr_mult {
+            if !(mult > 0.0 && mult.is_finite()) {
+                bail!("quant.scale_lr_mult = {mult} must be > 0 (or left out to keep the scales fixed)");
+            }
+            if self.grid.levels.is_some() {
+                bail!("quant.scale_lr_mult learns uniform-grid scales: remove it or quant.grid.levels");
+            }
+            // The scale gradient Σ(∂L/∂q)·r needs the task gradient taken at q(x).
+            if !(self.method == Method::Ste || (self.method == Method::Prox && self.grad_at == GradAt::Q)) {
+                bail!(
+                    "quant.scale_lr_mult needs the forward at q(x): method = \"ste\", or method = \"prox\" \
+                     with grad_at = \"q\""
+                );
+            }
         }
         if !(0.0..1.0).contains(&self.sens.ema) {
             bail!("quant.sens.ema must be in [0, 1)");

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! OUT/step-000100/  config.json model.safetensors tokenizer.json generation_config.json
-//!                   optimizer.safetensors (m.NAME, v.NAME)   quant_state.safetensors (scale.NAME, sens.NAME)
+//!                   optimizer.safetensors (m.NAME, v.NAME; learned scales: m.scale.NAME, v.scale.NAME)
+//!                   quant_state.safetensors (scale.NAME, sens.NAME; learned scales: master_scale.NAME)
 //!                   trainer_state.json (step, data cursor, controllers, the run's config)
 //! OUT/latest        name of the newest complete checkpoint (moved only after it is whole)
 //! ```

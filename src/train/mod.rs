@@ -19,6 +19,7 @@ use crate::eval;
 use crate::metrics::Metrics;
 use crate::model::io::LoadedModel;
 use crate::model::{Llama, LlamaConfig, Params};
+use crate::quant::scales::LearnedScales;
 use crate::quant::{DualState, GammaState, Quantizer, Sensitivity, View};
 use checkpoint::{SaveParts, TrainerState};
 use optim::AdamW;
@@ -81,6 +82,8 @@ pub struct QuantRun {
     pub sens: Sensitivity,
     pub dual: DualState,
     pub gamma: GammaState,
+    /// Trained grid scales (`quant.scale_lr_mult`).
+    pub scales: Option<LearnedScales>,
 }
 
 pub struct Trainer {
@@ -229,22 +232,30 @@ impl Trainer {
                     .as_ref()
                     .and_then(|s| s.gamma.clone())
                     .unwrap_or_else(|| qcfg.gamma.init());
+                let scales = match qcfg.scale_lr_mult {
+                    Some(_) => Some(LearnedScales::new(&quantizer, stored)?),
+                    None => None,
+                };
                 Some(QuantRun {
                     quantizer,
                     sens,
                     dual,
                     gamma,
+                    scales,
                 })
             }
         };
         if let (Some(c), Some(s)) = (ckpt, &state) {
             opt.t = s.adam_t;
-            for name in params.vars.keys() {
-                for (slot, map) in [("m", &mut opt.m), ("v", &mut opt.v)] {
-                    if let Some(t) = c.optimizer.get(&format!("{slot}.{name}")) {
-                        map.insert(name.clone(), t.to_device(&device)?);
-                    }
-                }
+            // Moments of the weights and of learned scales (`scale.NAME`) alike.
+            for (key, t) in &c.optimizer {
+                let (slot, name) = key.split_once('.').context("optimizer state key without a slot")?;
+                let map = match slot {
+                    "m" => &mut opt.m,
+                    "v" => &mut opt.v,
+                    _ => bail!("optimizer.safetensors holds `{key}`: only m.* and v.* belong there"),
+                };
+                map.insert(name.to_string(), t.to_device(&device)?);
             }
         }
         Ok(Trainer {
@@ -295,6 +306,9 @@ impl Trainer {
         let mut quant = BTreeMap::new();
         if let Some(q) = &self.quant {
             quant.extend(q.quantizer.scale_tensors());
+            if let Some(scales) = &q.scales {
+                quant.extend(scales.tensors());
+            }
             for (name, s) in &q.sens.values {
                 quant.insert(format!("sens.{name}"), s.reshape(1)?);
             }

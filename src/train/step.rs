@@ -228,6 +228,11 @@ impl Trainer {
                     q.sens.update_from_squares(qc.sens.ema, &squares, &clip)?;
                 }
                 let weights = q.sens.weights(&qc.sens, &names)?;
+                // Learned scales: their gradients at the codes this step's forward used.
+                let scale_grads = match &q.scales {
+                    Some(scales) => Some(scales.gradients(&q.quantizer, &self.params, &grads)?),
+                    None => None,
+                };
                 // 5. Pull gain c_k = c·γ_k (γ off: c).
                 let gain = qc.gamma.gain(&q.gamma, k);
                 let pull = qc.dist_scale * gain;
@@ -263,6 +268,9 @@ impl Trainer {
                         }
                         _ => self.opt.update(name, var, g, &clip, lr, Update::Plain)?,
                     }
+                }
+                if let (Some(scales), Some(scale_grads), Some(mult)) = (&mut q.scales, &scale_grads, qc.scale_lr_mult) {
+                    scales.step(&mut self.opt, &mut q.quantizer, scale_grads, &clip, lr * mult)?;
                 }
                 if qc.method == Method::Prox {
                     // Whether the η·c·s ≤ 1 clamp can bind this step (for the most weakly sensitive tensor).
