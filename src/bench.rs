@@ -22,9 +22,10 @@ pub struct BenchResult {
     pub global_batch: usize,
     pub devices: usize,
     /// From one profiled step (synchronized at each phase boundary), on one device: mean forward,
-    /// backward (incl. gradient accumulation) and both per micro-step; per optimizer step: waiting for
-    /// the slowest rank and the all-reduce (devices > 1), clip + the one host read, optimizer
-    /// (+ Prox-QAT extras).
+    /// backward (incl. gradient accumulation) and both per micro-step; per optimizer step (devices > 1):
+    /// waiting for the slowest rank and for the buckets summed during the last backward, then the
+    /// all-reduce of what is left (embedding table, norm gains, loss); clip + the one host read,
+    /// optimizer (+ Prox-QAT extras).
     pub ms_forward: f64,
     pub ms_backward: f64,
     pub ms_micro_step: f64,

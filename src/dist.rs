@@ -8,13 +8,17 @@
 //! Rank r runs micro-batches r, r + N, r + 2N, … of the step's global stream (the one a single GPU
 //! runs), so N GPUs × A micro-batches see exactly the rows that 1 GPU × N·A sees. After a step's last
 //! micro-batch the f32 gradient sums and the loss are summed over ranks (NCCL all-reduce in f32, in
-//! place, all tensors in one NCCL group): every rank then holds the same bits and applies the same
-//! update, so weights, Adam moments, λ, γ, the PI integral and the sensitivity EMAs stay identical
-//! without ever being sent.
+//! place): every rank then holds the same bits and applies the same update, so weights, Adam moments, λ,
+//! γ, the PI integral and the sensitivity EMAs stay identical without ever being sent. The projections'
+//! gradients are summed in buckets while the last micro-batch's backward still runs (`overlap`), on a
+//! stream of their own; the rest in one group after it.
+
+pub mod overlap;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::sync::{Arc, Barrier, Mutex};
 
 use crate::config::{DeviceChoice, TrainSection};
@@ -36,14 +40,28 @@ pub trait Collective {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     /// Replace each tensor (f32, contiguous, storage owned by the caller alone) by its reduction over
-    /// ranks, with the same bits on every rank.
-    fn all_reduce_in_place(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()>;
+    /// ranks, with the same bits on every rank; later work on the device sees the result.
+    fn all_reduce_in_place(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
+        self.reduce_now(tensors, op)?;
+        self.finish()
+    }
+    /// Start summing `tensors` over ranks behind the device work queued so far; the device may go on
+    /// with other work meanwhile, which must not touch them until [`Collective::finish`].
+    fn start_sum(&self, tensors: &[&Tensor]) -> Result<()> {
+        self.reduce_now(tensors, ReduceOp::Sum)
+    }
+    /// Order the device's later work after every started sum.
+    fn finish(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The reduction, done before returning (host collectives) or queued on the device.
+    fn reduce_now(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()>;
 }
 
 /// Where one rank runs and how it reaches the others.
 pub struct Rank {
     pub device: Device,
-    pub collective: Box<dyn Collective>,
+    pub collective: Rc<dyn Collective>,
 }
 
 impl Rank {
@@ -51,7 +69,7 @@ impl Rank {
     pub fn single(device: Device) -> Rank {
         Rank {
             device,
-            collective: Box::new(Alone),
+            collective: Rc::new(Alone),
         }
     }
 
@@ -212,7 +230,7 @@ impl Collective for Alone {
     fn world(&self) -> usize {
         1
     }
-    fn all_reduce_in_place(&self, _: &[&Tensor], _: ReduceOp) -> Result<()> {
+    fn reduce_now(&self, _: &[&Tensor], _: ReduceOp) -> Result<()> {
         Ok(())
     }
 }
@@ -254,7 +272,7 @@ impl Collective for InProcess {
     fn world(&self) -> usize {
         self.world
     }
-    fn all_reduce_in_place(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
+    fn reduce_now(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
         for t in tensors {
             t.inplace_op1(&Exchanged { ranks: self, op })?;
         }
@@ -315,12 +333,17 @@ mod nccl {
     //! NCCL through cudarc (candle-core's `nccl` feature), on the device's one stream.
     use super::{Collective, ReduceOp};
     use anyhow::{Context, Result};
+    use candle_core::cuda_backend::cudarc::driver::CudaStream;
     use candle_core::cuda_backend::cudarc::nccl::safe::{group_end, group_start, Comm, Id, ReduceOp as Op};
     use candle_core::cuda_backend::CudaStorage;
     use candle_core::{Device, InplaceOp1, Layout, Tensor};
+    use std::rc::Rc;
+    use std::sync::Arc;
 
+    /// The communicator runs on a stream of its own, so sums started during backward overlap with it.
     pub struct Nccl {
         comm: Comm,
+        compute: Arc<CudaStream>,
     }
 
     /// A fresh NCCL id, hex-encoded for the ranks' environment.
@@ -331,7 +354,7 @@ mod nccl {
     }
 
     /// Join the communicator of `world` ranks (blocks until all have joined).
-    pub fn join(device: &Device, rank: usize, world: usize, id_hex: &str) -> Result<Box<dyn Collective>> {
+    pub fn join(device: &Device, rank: usize, world: usize, id_hex: &str) -> Result<Rc<dyn Collective>> {
         let mut internal = [0 as std::ffi::c_char; 128];
         if id_hex.len() != 256 {
             anyhow::bail!("PROXQAT_NCCL_ID must be 256 hex digits, got {}", id_hex.len());
@@ -339,12 +362,13 @@ mod nccl {
         for (i, byte) in internal.iter_mut().enumerate() {
             *byte = u8::from_str_radix(&id_hex[2 * i..2 * i + 2], 16).context("PROXQAT_NCCL_ID is not hex")? as _;
         }
-        let stream = device.as_cuda_device()?.cuda_stream();
+        let compute = device.as_cuda_device()?.cuda_stream();
         // ncclCommInitRank uses the thread's current device.
-        stream.context().bind_to_thread().map_err(candle_core::Error::wrap)?;
+        compute.context().bind_to_thread().map_err(candle_core::Error::wrap)?;
+        let stream = compute.fork().map_err(candle_core::Error::wrap)?;
         let comm = Comm::from_rank(stream, rank, world, Id::uninit(internal))
             .map_err(|e| anyhow::anyhow!("rank {rank} of {world}: ncclCommInitRank: {e:?}"))?;
-        Ok(Box::new(Nccl { comm }))
+        Ok(Rc::new(Nccl { comm, compute }))
     }
 
     impl Collective for Nccl {
@@ -354,8 +378,20 @@ mod nccl {
         fn world(&self) -> usize {
             self.comm.world_size()
         }
-        fn all_reduce_in_place(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
-            // One group: NCCL launches the reductions together instead of one by one.
+        fn finish(&self) -> Result<()> {
+            // The compute stream waits for every reduction queued on the communicator's stream.
+            self.compute
+                .join(&self.comm.stream())
+                .map_err(candle_core::Error::wrap)?;
+            Ok(())
+        }
+        fn reduce_now(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
+            // Behind the work that produced the tensors; one group: NCCL launches the reductions
+            // together instead of one by one.
+            self.comm
+                .stream()
+                .join(&self.compute)
+                .map_err(candle_core::Error::wrap)?;
             group_start().map_err(|e| anyhow::anyhow!("ncclGroupStart: {e:?}"))?;
             let issued = tensors
                 .iter()
@@ -409,7 +445,7 @@ mod nccl {
         bail!(NO_NCCL)
     }
 
-    pub fn join(_: &candle_core::Device, _: usize, _: usize, _: &str) -> Result<Box<dyn super::Collective>> {
+    pub fn join(_: &candle_core::Device, _: usize, _: usize, _: &str) -> Result<std::rc::Rc<dyn super::Collective>> {
         bail!(NO_NCCL)
     }
 }

@@ -8,7 +8,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{tiny_config, tiny_model_dir};
 use proxqat::config::Config;
-use proxqat::dist::{InProcess, Rank, ReduceOp};
+use proxqat::dist::{overlap, InProcess, Rank, ReduceOp};
 use proxqat::train::Trainer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,7 +47,7 @@ fn on_ranks<T: Send>(world: usize, f: impl Fn(Rank) -> T + Sync) -> Vec<T> {
                 s.spawn(move || {
                     f(Rank {
                         device: Device::Cpu,
-                        collective: Box::new(peer),
+                        collective: std::rc::Rc::new(peer),
                     })
                 })
             })
@@ -202,5 +202,51 @@ fn in_process_all_reduce_sums_in_rank_order_and_takes_max_min() {
         assert_eq!(sum, &expected_sum);
         assert_eq!(max, &vec![3.0, -1.0]);
         assert_eq!(min, &vec![1.0, -3.0]);
+    }
+}
+
+/// The backward-overlap buckets: an accumulator reported complete is summed once its bucket is full
+/// (here: two 16-byte tensors per bucket), untracked or repeated reports change nothing, and `end`
+/// starts the last partial bucket and names every tensor it summed.
+#[test]
+fn ready_accumulators_are_summed_in_buckets_during_backward() {
+    let results = on_ranks(2, |r| {
+        let v = (r.index() + 1) as f32;
+        let accs: Vec<Tensor> = (0..3)
+            .map(|i| Tensor::new(&[v * (i + 1) as f32; 4], &Device::Cpu).unwrap())
+            .collect();
+        let other = Tensor::new(&[v; 4], &Device::Cpu).unwrap();
+        let first = |t: &Tensor| t.to_vec1::<f32>().unwrap()[0];
+        let tracker = overlap::begin(r.collective.clone(), &accs, 32);
+        overlap::accumulated(&accs[1]).unwrap();
+        overlap::accumulated(&other).unwrap();
+        let after_one = first(&accs[1]);
+        overlap::accumulated(&accs[0]).unwrap();
+        let after_bucket = (first(&accs[1]), first(&accs[0]));
+        overlap::accumulated(&accs[0]).unwrap();
+        overlap::accumulated(&accs[2]).unwrap();
+        let partial = first(&accs[2]);
+        let started = tracker.end().unwrap();
+        let named = accs.iter().all(|t| started.contains(&t.id())) && !started.contains(&other.id());
+        // Outside a tracked backward a report is a no-op.
+        overlap::accumulated(&other).unwrap();
+        (
+            v,
+            after_one,
+            after_bucket,
+            partial,
+            first(&accs[2]),
+            first(&other),
+            named,
+        )
+    });
+    // Rank r holds (i + 1)·v in accumulator i, v = r + 1; the sums over ranks are 3·(i + 1).
+    for (v, after_one, after_bucket, partial, last, other, named) in results {
+        assert_eq!(after_one, 2.0 * v, "one ready tensor waits for its bucket");
+        assert_eq!(after_bucket, (6.0, 3.0), "a full bucket is summed over ranks");
+        assert_eq!(partial, 3.0 * v, "the partial bucket waits for end");
+        assert_eq!(last, 9.0, "end sums the partial bucket");
+        assert_eq!(other, v, "an untracked tensor is never summed");
+        assert!(named, "end names exactly the summed tensors");
     }
 }

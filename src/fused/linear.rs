@@ -75,6 +75,9 @@ impl CustomOp2 for Linear {
         // Detached: a gradient that recorded its inputs would keep the micro-batch's graph alive.
         let (x, w, grad) = (x.detach(), w.detach(), grad.detach().contiguous()?);
         add_product_into(&self.acc, &grad, &x)?;
+        // In a step's last backward the accumulator is now complete: a data-parallel run may start
+        // summing it over ranks while the layers below are differentiated.
+        crate::dist::overlap::accumulated(&self.acc)?;
         Ok((Some(grad.matmul(&w)?), None))
     }
 }

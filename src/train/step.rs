@@ -1,14 +1,14 @@
 //! One optimizer step, in the order of spec §13. The only host read is one pair of scalars (mean loss,
 //! grad norm) after the micro-batches: it feeds the NaN guard and the λ controller.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use super::optim::Update;
 use super::{schedule, Trainer};
-use crate::dist::ReduceOp;
+use crate::dist::{overlap, ReduceOp};
 use crate::fused::{self, weight};
 use crate::model::llama::{EMBEDDING, HEAD};
 use crate::quant::grid::TensorGrid;
@@ -117,7 +117,16 @@ impl Trainer {
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = Tensor::zeros((), DType::F32, &self.model.device)?;
         let mut tokens = 0;
-        for _ in 0..self.cfg.accum_per_device() {
+        // In a data-parallel step the projections' accumulators are summed over ranks as soon as the
+        // last micro-batch's backward completes each one (`dist::overlap`); the rest after it.
+        let early: Vec<Tensor> = grads_into
+            .iter()
+            .filter(|(name, _)| name.as_str() != EMBEDDING && name.as_str() != HEAD)
+            .map(|(_, acc)| acc.clone())
+            .collect();
+        let mut summed_early = HashSet::new();
+        let accum_per_device = self.cfg.accum_per_device();
+        for micro in 0..accum_per_device {
             self.stream.skip(rank * t.micro_batch);
             let batch = self.stream.next_batch(t.micro_batch)?;
             self.stream.skip((world - 1 - rank) * t.micro_batch);
@@ -125,7 +134,13 @@ impl Trainer {
             let ids = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), &self.model.device)?;
             let (loss, _) = self.model.loss_into(&weights, &grads_into, &ids, &batch.labels)?;
             self.mark("forward")?;
+            let last = micro + 1 == accum_per_device;
+            let tracker = (last && world > 1)
+                .then(|| overlap::begin(self.rank.collective.clone(), &early, overlap::BUCKET_BYTES));
             let step_grads = (&loss / accum as f64)?.backward()?;
+            if let Some(tracker) = tracker {
+                summed_early = tracker.end()?;
+            }
             for (name, var) in &self.params.vars {
                 if let Some(g) = step_grads.get(var.as_tensor()) {
                     let g = g.to_dtype(DType::F32)?;
@@ -139,8 +154,11 @@ impl Trainer {
             loss_sum = (loss_sum + loss.detach().to_dtype(DType::F32)?)?;
             self.mark("backward")?;
         }
-        drop((weights, grads_into));
+        drop((early, weights, grads_into));
         for (name, acc) in accumulators {
+            if summed_early.contains(&acc.id()) && grads.contains_key(&name) {
+                bail!("`{name}`: summed over ranks during backward, yet autograd also produced a gradient");
+            }
             // Under the reference kernels a table's lookup gradient went through autograd.
             let total = match grads.remove(&name) {
                 Some(g) => (g + acc)?,
@@ -157,7 +175,7 @@ impl Trainer {
             self.rank.collective.all_reduce_in_place(&[&probe], ReduceOp::Sum)?;
             self.mark("rank wait")?;
         }
-        let mut reduced: Vec<&Tensor> = grads.values().collect();
+        let mut reduced: Vec<&Tensor> = grads.values().filter(|g| !summed_early.contains(&g.id())).collect();
         reduced.push(&totals);
         self.rank.collective.all_reduce_in_place(&reduced, ReduceOp::Sum)?;
         self.mark("all-reduce")?;
