@@ -119,13 +119,132 @@ impl CustomOp2 for CausalSoftmaxBwd {
 }
 
 /// Causal GQA attention on the fused softmax. `q: (B, H, T, D)`, `k, v: (B, KV, T, D)` → `(B, H, T, D)`.
-/// Scores in f32 (TF32 on CUDA is exact for bf16 inputs), probabilities in the compute dtype for P·V.
+/// Scores in f32 (`scores`), probabilities in the compute dtype for P·V.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let kv = k.dim(1)?;
-    let q = q.reshape((b, kv, (h / kv) * t, d))?;
-    let stat = crate::model::ops::stat_dtype(q.dtype());
-    let scores = q.to_dtype(stat)?.matmul(&k.to_dtype(stat)?.t()?)?;
-    let probs = causal_softmax(&scores, 1.0 / (d as f64).sqrt(), q.dtype())?;
-    probs.matmul(v)?.reshape((b, h, t, d))
+    let q = q.reshape((b * kv, (h / kv) * t, d))?;
+    let k = k.reshape((b * kv, t, d))?;
+    let probs = causal_softmax(&scores(&q, &k)?, 1.0 / (d as f64).sqrt(), q.dtype())?;
+    probs.matmul(&v.reshape((b * kv, t, d))?)?.reshape((b, h, t, d))
+}
+
+/// `q · kᵀ` per batch entry in f32 (f64 stays f64): `q: (N, M, D)`, `k: (N, T, D)` → `(N, M, T)`. On
+/// CUDA a bf16 pair runs on the tensor cores with f32 output, which equals the f32 product (products of
+/// bf16 values are exact in f32, sums accumulate in f32) instead of a SIMT f32 GEMM on upcast copies.
+/// The backward passes the score gradient through the inputs' dtype, as autocast and flash-attention
+/// do: `dq = dS·k`, `dk = dSᵀ·q`.
+pub fn scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    q.contiguous()?.apply_op2(&k.contiguous()?, Scores)
+}
+
+struct Scores;
+
+impl Scores {
+    /// `(N, M, T, D)` and the layout of `kᵀ`.
+    fn shape(ql: &Layout, kl: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
+        let (n, m, d) = ql.shape().dims3()?;
+        let t = kl.shape().dims3()?.1;
+        Ok(((n, m, t, d), kl.transpose(1, 2)?))
+    }
+
+    fn out_dtype(input: DType) -> DType {
+        if input == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+}
+
+impl CustomOp2 for Scores {
+    fn name(&self) -> &'static str {
+        "fused-attention-scores"
+    }
+
+    fn cpu_fwd(&self, q: &CpuStorage, ql: &Layout, k: &CpuStorage, kl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (shape, kt) = Self::shape(ql, kl)?;
+        if q.dtype() != Self::out_dtype(q.dtype()) {
+            candle_core::bail!("{}: the CPU path takes f32 or f64 inputs", self.name());
+        }
+        Ok((q.matmul(k, shape, ql, &kt)?, Shape::from((shape.0, shape.1, shape.2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (shape, kt) = Self::shape(ql, kl)?;
+        let out = Shape::from((shape.0, shape.1, shape.2));
+        if q.dtype() != DType::BF16 {
+            return Ok((q.matmul(k, shape, ql, &kt)?, out));
+        }
+        Ok((cuda::bf16_scores(q, ql, k, kl, shape, self.name())?, out))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, _s: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (q, k) = (q.detach(), k.detach());
+        let grad = grad.detach().to_dtype(q.dtype())?;
+        Ok((Some(grad.matmul(&k)?), Some(grad.t()?.matmul(&q)?)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+    use candle_core::{CudaStorage, DType, Layout, Result};
+
+    /// `S = q · kᵀ` for bf16 `q: (N, M, D)`, `k: (N, T, D)` into a fresh f32 `(N, M, T)`: one strided
+    /// batched cublasGemmEx with f32 accumulation, on the device's stream.
+    pub fn bf16_scores(
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        (n, m, t, d): (usize, usize, usize, usize),
+        op: &str,
+    ) -> Result<CudaStorage> {
+        let (q_ptr, k_ptr) = (super::super::cuda::ptr(q, ql, op)?, super::super::cuda::ptr(k, kl, op)?);
+        let (out, s_ptr) = super::super::cuda::alloc(&q.device, DType::F32, n * m * t, op)?;
+        let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {v} exceeds i32")));
+        let (alpha, beta) = (1f32, 0f32);
+        let bf16 = sys::cudaDataType::CUDA_R_16BF;
+        // Column-major view: S is (T × M) with ld T, k is (D × T) with ld D (used transposed), q is (D × M)
+        // with ld D, and S = kᵀ·q per batch entry.
+        // SAFETY: the pointers address live contiguous buffers of the stated shapes (S freshly
+        // allocated, fully written with β = 0); the handle runs on the device's one stream.
+        unsafe {
+            result::gemm_strided_batched_ex(
+                *q.device.cublas_handle().handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                int(t)?,
+                int(m)?,
+                int(d)?,
+                (&alpha as *const f32).cast(),
+                k_ptr as *const std::ffi::c_void,
+                bf16,
+                int(d)?,
+                (t * d) as i64,
+                q_ptr as *const std::ffi::c_void,
+                bf16,
+                int(d)?,
+                (m * d) as i64,
+                (&beta as *const f32).cast(),
+                s_ptr as *mut std::ffi::c_void,
+                sys::cudaDataType::CUDA_R_32F,
+                int(t)?,
+                (m * t) as i64,
+                int(n)?,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("{op}: cublasGemmStridedBatchedEx: {e:?}")))?;
+        Ok(out)
+    }
 }
