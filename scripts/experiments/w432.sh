@@ -6,7 +6,8 @@
 #
 # usage: scripts/experiments/w432.sh BIN SMOLLM2.gguf ALPACA.json OUT
 # env:   STEPS (50) MB (4) GB (16) VAL (100 records) JOBS (6 runs at once on one GPU) GRIDS METHODS
-#        (METHOD[+lsM][@C], e.g. prox-prox-q+ls0.3@2000: learned scales at 0.3 × lr, pull c = 2000)
+#        (METHOD[+ramp][+lsM][@C], e.g. prox-prox-q+ls0.3@2000: learned scales at 0.3 × lr, pull c = 2000;
+#        +ramp: the pull gain γ ramps up from 0 with the hit rate, so the first steps are STE-like)
 #        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
 #        EVAL_EVERY (0: final only; N: a validation curve, and summarize.py adds a best-checkpoint table)
 # Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table.
@@ -34,9 +35,10 @@ grid_toml() { # w4g32 → bits 4, per group of 32; w3ch → bits 3, per channel
   if [ "$kind" = ch ]; then printf 'bits = %s\nscale = "channel"\n' "$bits"
   else printf 'bits = %s\nscale = "group"\ngroup_size = 32\n' "$bits"; fi
 }
-method_toml() { # METHOD[+lsM][@C]: c after @ overrides C_LOSS / C_PROX; +ls learns the grid's scales
+method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; +ls learns the grid's scales
   local c="" m=${1%@*}
   [[ $1 == *@* ]] && c=${1#*@}
+  m=${m/+ramp/}
   if [[ $m == *+ls* ]]; then # at M × the weights' lr (M from SCALE_LR_MULT, 1.0, when not given)
     local mult=${m#*+ls}
     printf 'scale_lr_mult = %s\n' "${mult:-${SCALE_LR_MULT:-1.0}}"
@@ -51,6 +53,10 @@ method_toml() { # METHOD[+lsM][@C]: c after @ overrides C_LOSS / C_PROX; +ls lea
     prox-prox-q) printf 'method = "prox"\npull = "prox"\ngrad_at = "q"\ndist_scale = %s\n' "${c:-${C_PROX:-2000.0}}" ;;
     *) echo "unknown method $1" >&2; exit 1 ;;
   esac
+}
+gamma_toml() { # +ramp: the pull gain γ starts at 0 and rises by 0.1·(0.95 − hit rate EMA) every 10 steps
+  [[ $1 == *+ramp* ]] || return 0
+  printf '[quant.gamma]\nenable = true\nstart = 0\ninit = 0.0\ntarget = 0.95\nlr = 0.1\nevery = 10\nema = 0.7\nmax = 3.0\n'
 }
 write_cfg() { # NAME GRID METHOD
   cat > "$out/cfg/$1.toml" <<TOML
@@ -84,6 +90,7 @@ $(grid_toml "$2")
 [quant.dual]
 # The loss budget: near the fine-tune's loss, so λ stays near 1 (the seed's 2.9 is nanoGPT's).
 beta = ${BETA:-1.5}
+$(gamma_toml "$3")
 TOML
 }
 
