@@ -32,30 +32,38 @@ fn train(tmp: &Path, name: &str, model: &Path, extra: &str, sets: &[&str]) -> Ou
     }
 }
 
+/// The toy's fine-tune: 40 steps, lr 1e-3 → 1e-4.
+const TOY_FINE_TUNE: [&str; 5] = [
+    "train.max_steps=40",
+    "train.warmup_steps=4",
+    "train.log_every=5",
+    "train.lr=1e-3",
+    "train.min_lr=1e-4",
+];
+
+/// The toy model pretrained for 60 steps under `tmp` (its checkpoint directory).
+fn pretrained_toy(tmp: &Path) -> std::path::PathBuf {
+    let init = tmp.join("tiny");
+    tiny_model_dir(&init, 3);
+    train(
+        tmp,
+        "pre",
+        &init,
+        "",
+        &["train.max_steps=60", "train.warmup_steps=4", "train.log_every=20"],
+    );
+    tmp.join("pre/run/step-000060")
+}
+
 /// The toy: a 2-layer byte-level model, pretrained 60 steps, then fine-tuned 40 more steps either plainly
 /// or with Prox-QAT on a 3-bit per-channel grid (rows of 64 bytes: mostly the shared prompt, which the
 /// toy learns fast, so quantization has a measurable cost here: q − fp ≈ 0.02 at the start).
 #[test]
 fn tiny_model_prox_qat_reaches_the_grid_at_little_cost() {
     let tmp = tempfile::tempdir().unwrap();
-    let init = tmp.path().join("tiny");
-    tiny_model_dir(&init, 3);
-    train(
-        tmp.path(),
-        "pre",
-        &init,
-        "",
-        &["train.max_steps=60", "train.warmup_steps=4", "train.log_every=20"],
-    );
-    let model = tmp.path().join("pre/run/step-000060");
+    let model = pretrained_toy(tmp.path());
     let grid = "[quant.grid]\nbits = 3\nscale = \"channel\"\n";
-    let sets = [
-        "train.max_steps=40",
-        "train.warmup_steps=4",
-        "train.log_every=5",
-        "train.lr=1e-3",
-        "train.min_lr=1e-4",
-    ];
+    let sets = TOY_FINE_TUNE;
     let v = |o: &serde_json::Value, k: &str| o[k].as_f64().unwrap();
     let fp = train(
         tmp.path(),
@@ -205,18 +213,8 @@ fn every_variant_trains_and_harden_at_snaps_everything() {
 #[test]
 fn learned_scales_lower_the_loss_at_q_under_the_prox_pull() {
     let tmp = tempfile::tempdir().unwrap();
-    let init = tmp.path().join("tiny");
-    tiny_model_dir(&init, 3);
-    let pre_sets = ["train.max_steps=60", "train.warmup_steps=4", "train.log_every=20"];
-    train(tmp.path(), "pre", &init, "", &pre_sets);
-    let model = tmp.path().join("pre/run/step-000060");
-    let sets = [
-        "train.max_steps=40",
-        "train.warmup_steps=4",
-        "train.log_every=5",
-        "train.lr=1e-3",
-        "train.min_lr=1e-4",
-    ];
+    let model = pretrained_toy(tmp.path());
+    let sets = TOY_FINE_TUNE;
     let quant = |extra: &str| {
         format!(
             "[quant]\nmethod = \"prox\"\npull = \"prox\"\ngrad_at = \"q\"\ndist_scale = 3000.0\nstats_every = 5\n{extra}\n\
