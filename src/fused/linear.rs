@@ -83,7 +83,7 @@ impl CustomOp2 for Linear {
 }
 
 /// `acc += aᵀ · b` for `a: (m, n)`, `b: (m, k)`, `acc: (n, k)`.
-fn add_product_into(acc: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+pub(super) fn add_product_into(acc: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
     #[cfg(feature = "cuda")]
     if acc.device().is_cuda() {
         return cuda::gemm_accumulate(acc, a, b);

@@ -15,6 +15,7 @@ pub mod cross_entropy;
 pub mod embedding;
 pub mod grid;
 pub mod linear;
+pub mod mlp;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;

@@ -9,6 +9,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
+/// `(∂L/∂gate, ∂L/∂up)` from `∂L/∂(silu(gate)·up)`, in one pass (no autograd).
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    let both = gate.apply_op3_no_bwd(&up, &grad.contiguous()?, &SwiGluBwd)?;
+    let part = |i| both.narrow(0, i, 1)?.reshape(gate.shape());
+    Ok((part(0)?, part(1)?))
+}
+
 struct SwiGlu;
 
 /// `(gate, up, grad)` → `(2, n)`: d gate, then d up.
@@ -58,9 +66,8 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluBwd)?;
-        let part = |i| both.narrow(0, i, 1)?.reshape(gate.shape());
-        Ok((Some(part(0)?), Some(part(1)?)))
+        let (d_gate, d_up) = swiglu_backward(gate, up, grad)?;
+        Ok((Some(d_gate), Some(d_up)))
     }
 }
 

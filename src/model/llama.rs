@@ -222,14 +222,26 @@ impl Llama {
             let att = att.transpose(1, 2)?.reshape((b, t, h * hd))?;
             x = (&x + linear(&att, format!("{p}.self_attn.o_proj.weight"))?.to_dtype(x.dtype())?)?;
             let m = norm(&x, format!("{p}.post_attention_layernorm.weight"))?;
-            let gate = linear(&m, format!("{p}.mlp.gate_proj.weight"))?;
-            let up = linear(&m, format!("{p}.mlp.up_proj.weight"))?;
-            let act = if fused {
-                fused::swiglu::swiglu(&gate, &up)?
-            } else {
-                ops::swiglu(&gate, &up)?
+            let names = ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{p}.mlp.{n}.weight"));
+            let accumulators = names.each_ref().map(|n| grads_into.get(n));
+            let out = match accumulators {
+                // One node with its own backward when every projection accumulates in place.
+                [Some(g), Some(u), Some(d)] if fused => {
+                    let w = [get(names[0].clone())?, get(names[1].clone())?, get(names[2].clone())?];
+                    fused::mlp::mlp(&m.to_dtype(w[0].dtype())?, w, [g, u, d])?
+                }
+                _ => {
+                    let [gate_name, up_name, down_name] = names;
+                    let (gate, up) = (linear(&m, gate_name)?, linear(&m, up_name)?);
+                    let act = if fused {
+                        fused::swiglu::swiglu(&gate, &up)?
+                    } else {
+                        ops::swiglu(&gate, &up)?
+                    };
+                    linear(&act, down_name)?
+                }
             };
-            x = (&x + linear(&act, format!("{p}.mlp.down_proj.weight"))?.to_dtype(x.dtype())?)?;
+            x = (&x + out.to_dtype(x.dtype())?)?;
         }
         norm(&x, "model.norm.weight".into())
     }

@@ -1,0 +1,102 @@
+//! The SwiGLU MLP `down(silu(gate(m)) · up(m))` as one autograd node with a written-out backward.
+//!
+//! As three fused linears and a fused SwiGLU it is four nodes, and candle's backward zero-fills and adds
+//! a gradient buffer for every input of every node (the `(rows, intermediate)` ones are the large
+//! ones); it also keeps `silu(gate)·up` alive for the down projection's weight gradient. Here the
+//! backward recomputes that product from `gate` and `up` (one elementwise pass), adds the three weight
+//! gradients into their step accumulators (`acc += gradᵀ · input`, as `fused::linear`) and returns
+//! `∂L/∂m` — the same arithmetic, kernel by kernel, as the four-node version.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, D};
+use std::sync::Mutex;
+
+use super::linear::add_product_into;
+use super::swiglu::{swiglu, swiglu_backward};
+use crate::dist::overlap;
+
+/// `m: (.., hidden)` through the MLP with compute-dtype weights `[gate, up, down]` (`(inter, hidden)`,
+/// `(inter, hidden)`, `(hidden, inter)`); the backward adds each weight's gradient into the matching
+/// f32/f64 accumulator of `acc`.
+pub fn mlp(m: &Tensor, w: [&Tensor; 3], acc: [&Tensor; 3]) -> Result<Tensor> {
+    let [w_gate, w_up, w_down] = w.map(Tensor::detach);
+    let hidden = m.dim(D::Minus1)?;
+    let rows = m.elem_count() / hidden;
+    let x = m.detach().contiguous()?.reshape((rows, hidden))?;
+    let gate = x.matmul(&w_gate.t()?)?;
+    let up = x.matmul(&w_up.t()?)?;
+    let out = swiglu(&gate, &up)?.matmul(&w_down.t()?)?;
+    if !m.track_op() {
+        return out.reshape(m.shape());
+    }
+    let node = Mlp {
+        out: Mutex::new(Some(out)),
+        gate,
+        up,
+        w: [w_gate, w_up, w_down],
+        acc: acc.map(Tensor::clone),
+    };
+    m.contiguous()?
+        .reshape((rows, hidden))?
+        .apply_op1(node)?
+        .reshape(m.shape())
+}
+
+struct Mlp {
+    /// The forward's result, handed to autograd once by `fwd` (then dropped here).
+    out: Mutex<Option<Tensor>>,
+    gate: Tensor,
+    up: Tensor,
+    w: [Tensor; 3],
+    acc: [Tensor; 3],
+}
+
+impl Mlp {
+    fn take_out(&self) -> Result<Tensor> {
+        self.out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused mlp: poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("fused mlp: forward applied twice".into()))
+    }
+}
+
+impl CustomOp1 for Mlp {
+    fn name(&self) -> &'static str {
+        "fused-mlp"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = self.take_out()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
+            _ => candle_core::bail!("fused mlp: CPU input, non-CPU weights"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = self.take_out()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
+            _ => candle_core::bail!("fused mlp: CUDA input, non-CUDA weights"),
+        }
+    }
+
+    fn bwd(&self, m: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let [w_gate, w_up, w_down] = &self.w;
+        let [acc_gate, acc_up, acc_down] = &self.acc;
+        let (m, grad) = (m.detach(), grad.detach().contiguous()?);
+        let act = swiglu(&self.gate, &self.up)?;
+        add_product_into(acc_down, &grad, &act)?;
+        overlap::accumulated(acc_down)?;
+        let (d_gate, d_up) = swiglu_backward(&self.gate, &self.up, &grad.matmul(w_down)?)?;
+        add_product_into(acc_gate, &d_gate, &m)?;
+        overlap::accumulated(acc_gate)?;
+        add_product_into(acc_up, &d_up, &m)?;
+        overlap::accumulated(acc_up)?;
+        Ok(Some((d_gate.matmul(w_gate)? + d_up.matmul(w_up)?)?))
+    }
+}
