@@ -7,12 +7,11 @@
 //! gradients into their step accumulators (`acc += gradᵀ · input`, as `fused::linear`) and returns
 //! `∂L/∂m` — the same arithmetic, kernel by kernel, as the four-node version.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, D};
-use std::sync::Mutex;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 
 use super::linear::add_product_into;
 use super::swiglu::{swiglu, swiglu_backward};
+use super::Precomputed;
 use crate::dist::overlap;
 
 /// `m: (.., hidden)` through the MLP with compute-dtype weights `[gate, up, down]` (`(inter, hidden)`,
@@ -30,7 +29,7 @@ pub fn mlp(m: &Tensor, w: [&Tensor; 3], acc: [&Tensor; 3]) -> Result<Tensor> {
         return out.reshape(m.shape());
     }
     let node = Mlp {
-        out: Mutex::new(Some(out)),
+        out: Precomputed::new(out, "fused mlp"),
         gate,
         up,
         w: [w_gate, w_up, w_down],
@@ -43,22 +42,11 @@ pub fn mlp(m: &Tensor, w: [&Tensor; 3], acc: [&Tensor; 3]) -> Result<Tensor> {
 }
 
 struct Mlp {
-    /// The forward's result, handed to autograd once by `fwd` (then dropped here).
-    out: Mutex<Option<Tensor>>,
+    out: Precomputed,
     gate: Tensor,
     up: Tensor,
     w: [Tensor; 3],
     acc: [Tensor; 3],
-}
-
-impl Mlp {
-    fn take_out(&self) -> Result<Tensor> {
-        self.out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("fused mlp: poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("fused mlp: forward applied twice".into()))
-    }
 }
 
 impl CustomOp1 for Mlp {
@@ -67,22 +55,12 @@ impl CustomOp1 for Mlp {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.take_out()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
-            _ => candle_core::bail!("fused mlp: CPU input, non-CPU weights"),
-        }
+        self.out.take_cpu()
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = self.take_out()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
-            _ => candle_core::bail!("fused mlp: CUDA input, non-CUDA weights"),
-        }
+        self.out.take_cuda()
     }
 
     fn bwd(&self, m: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

@@ -36,6 +36,50 @@ pub enum Kernels {
     Reference,
 }
 
+/// A result computed outside a custom op (by ordinary tensor ops, on detached inputs) and handed to
+/// autograd once by the op's forward: how a node with a written-out backward (`mlp`, a checkpointed
+/// block) enters the graph. The forward copies it out (candle's custom ops return fresh storage).
+pub(crate) struct Precomputed {
+    out: std::sync::Mutex<Option<candle_core::Tensor>>,
+    op: &'static str,
+}
+
+impl Precomputed {
+    pub fn new(out: candle_core::Tensor, op: &'static str) -> Self {
+        Precomputed {
+            out: std::sync::Mutex::new(Some(out)),
+            op,
+        }
+    }
+
+    fn take(&self) -> Result<candle_core::Tensor> {
+        self.out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned", self.op)))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward applied twice", self.op)))
+    }
+
+    pub fn take_cpu(&self) -> Result<(CpuStorage, candle_core::Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
+            _ => candle_core::bail!("{}: CPU input, result on another device", self.op),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn take_cuda(&self) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
+            _ => candle_core::bail!("{}: CUDA input, result on another device", self.op),
+        }
+    }
+}
+
 fn contiguous_range(layout: &Layout, op: &str) -> Result<(usize, usize)> {
     layout
         .contiguous_offsets()
