@@ -3,7 +3,8 @@
 f32 master weights with bf16 autocast, sdpa attention, fused AdamW, global-norm clip 1.0; eager and
 torch.compile. Same accounting as proxqat: step = accum × micro-step + optimizer step.
 
-usage: torch_reference.py MICRO_BATCH SEQ GLOBAL_BATCH eager|compile   -> one JSON line
+usage: torch_reference.py MICRO_BATCH SEQ GLOBAL_BATCH eager|compile|eager-ckpt   -> one JSON line
+(eager-ckpt: eager with HF gradient checkpointing per decoder layer, non-reentrant)
 """
 import json
 import sys
@@ -24,6 +25,9 @@ def main():
     cfg._attn_implementation = "sdpa"
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).float()
+    if mode == "eager-ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     fwd = torch.compile(model) if mode == "compile" else model

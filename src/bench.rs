@@ -21,6 +21,7 @@ pub struct BenchResult {
     pub seq: usize,
     pub global_batch: usize,
     pub devices: usize,
+    pub checkpoint_layers: bool,
     /// From one profiled step (synchronized at each phase boundary), on one device: mean forward,
     /// backward (incl. gradient accumulation) and both per micro-step; per optimizer step (devices > 1):
     /// waiting for the slowest rank and for the buckets summed during the last backward, then the
@@ -50,6 +51,7 @@ pub struct BenchArgs<'a> {
     pub method: &'a str,
     pub steps: usize,
     pub kernels: &'a str,
+    pub checkpoint_layers: bool,
     /// GPUs, data-parallel (this process is one of the ranks `dist::launch` started when > 1).
     pub devices: usize,
 }
@@ -79,12 +81,13 @@ pub fn run(a: &BenchArgs) -> Result<Option<BenchResult>> {
     };
     let toml = format!(
         "[model]\npath = \"random\"\n[data]\npath = \"synthetic\"\nval_records = 1\nmax_seq_length = {seq}\n\
-         [train]\nout_dir = \"bench\"\nmicro_batch = {mb}\nglobal_batch = {gb}\nmax_steps = 1000\nwarmup_steps = 1\nlr = 1e-5\nkernels = \"{kernels}\"\ndevices = {devices}\n\
+         [train]\nout_dir = \"bench\"\nmicro_batch = {mb}\nglobal_batch = {gb}\nmax_steps = 1000\nwarmup_steps = 1\nlr = 1e-5\nkernels = \"{kernels}\"\ncheckpoint_layers = {ckpt}\ndevices = {devices}\n\
          [eval]\nevery = 0\ninitial = false\nfinal = false\nmax_batches = 1\n{quant}",
         seq = a.seq,
         mb = a.micro_batch,
         gb = a.global_batch,
         kernels = a.kernels,
+        ckpt = a.checkpoint_layers,
         devices = a.devices
     );
     let cfg = Config::parse(&toml, &[])?;
@@ -168,6 +171,7 @@ pub fn run(a: &BenchArgs) -> Result<Option<BenchResult>> {
         micro_batch: a.micro_batch,
         seq: a.seq,
         global_batch: a.global_batch,
+        checkpoint_layers: a.checkpoint_layers,
         ms_forward: per_step("forward") / accum,
         ms_backward: per_step("backward") / accum,
         ms_micro_step: (per_step("forward") + per_step("backward")) / accum,

@@ -98,6 +98,9 @@ pub struct BenchCliArgs {
     /// fused (the custom kernels) or reference (candle primitives), as `train.kernels`.
     #[arg(long, default_value = "fused")]
     pub kernels: String,
+    /// Activation checkpointing per decoder block, as `train.checkpoint_layers`.
+    #[arg(long)]
+    pub checkpoint_layers: bool,
     /// GPUs, data-parallel as `train.devices` (one process each; --global-batch rows over all).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub devices: usize,

@@ -45,6 +45,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 method: &a.method,
                 steps: a.steps,
                 kernels: &a.kernels,
+                checkpoint_layers: a.checkpoint_layers,
                 devices: a.devices,
             })?;
             if let Some(r) = r {

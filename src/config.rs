@@ -86,6 +86,9 @@ pub struct TrainSection {
     pub tf32: bool,
     /// `fused` (the custom kernels of src/fused, CUDA and CPU) or `reference` (candle primitives).
     pub kernels: crate::fused::Kernels,
+    /// Activation checkpointing per decoder block: keep only each block's input and recompute the
+    /// block in the backward (one more forward; the activations of all but one block are never kept).
+    pub checkpoint_layers: bool,
     pub device: DeviceChoice,
     /// GPUs to train on, data-parallel (one process each, gradients summed over NCCL; `proxqat train`
     /// starts the processes). Each optimizer step still sees `global_batch` rows: every GPU runs
@@ -118,6 +121,7 @@ impl Default for TrainSection {
             precision: Precision::Auto,
             tf32: false,
             kernels: crate::fused::Kernels::Fused,
+            checkpoint_layers: false,
             device: DeviceChoice::Auto,
             devices: 1,
             log_every: 10,

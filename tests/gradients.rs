@@ -524,3 +524,116 @@ fn fused_and_reference_training_steps_make_the_same_updates() {
         }
     }
 }
+
+#[test]
+fn checkpointed_blocks_give_the_same_loss_and_gradients_and_keep_no_activations() {
+    // As the training step runs it: the projections add their gradients into accumulators (fused:
+    // in place; reference: through their compute copy's backward), the norm gains through autograd.
+    for (kernels, tied) in [
+        (Kernels::Fused, true),
+        (Kernels::Fused, false),
+        (Kernels::Reference, true),
+    ] {
+        let ids = Tensor::new(&[[1u32, 5, 7, 2, 39, 11], [4, 4, 0, 9, 3, 8]], &Device::Cpu).unwrap();
+        let labels: Vec<i64> = vec![1, 5, 7, 2, 39, 11, 4, 4, -100, 9, 3, 8];
+        // Loss, every gradient, and the number of nodes the loss's graph keeps alive.
+        let run = |checkpoint: bool, layers: usize| {
+            let mut cfg = LlamaConfig::tiny(40, tied);
+            cfg.num_hidden_layers = layers;
+            let params = Params::random(&cfg, 8, DType::F64, &Device::Cpu).unwrap();
+            let model = Llama::new(cfg, DType::F64, &Device::Cpu)
+                .with_kernels(kernels)
+                .with_checkpointing(checkpoint);
+            let acc = params.gradient_accumulators().unwrap();
+            let w: std::collections::BTreeMap<String, Tensor> = params
+                .vars
+                .iter()
+                .map(|(name, var)| {
+                    let x = var.as_tensor();
+                    let w = match acc.get(name) {
+                        Some(a) => fused::weight::compute_copy_accumulating(x, None, DType::F64, a).unwrap(),
+                        None => x.clone(),
+                    };
+                    (name.clone(), w)
+                })
+                .collect();
+            let into = acc
+                .iter()
+                .filter(|(name, _)| name.starts_with("model.layers."))
+                .map(|(n, a)| (n.clone(), a.clone()))
+                .collect();
+            let (loss, _) = model.loss_into(&w, &into, &ids, &labels).unwrap();
+            let held = loss.sorted_nodes().iter().filter(|n| !n.is_variable()).count();
+            let grads = loss.backward().unwrap();
+            let g: Vec<(String, Tensor)> = params
+                .vars
+                .iter()
+                .map(|(name, v)| {
+                    let g = acc.get(name).or(grads.get(v.as_tensor())).unwrap();
+                    (name.clone(), g.clone())
+                })
+                .collect();
+            (loss.to_scalar::<f64>().unwrap(), g, held)
+        };
+        let ((l0, g0, held0), (l1, g1, held1)) = (run(false, 2), run(true, 2));
+        assert_eq!(l0, l1, "{kernels:?}: the checkpointed forward computes another loss");
+        for ((name, a), (_, b)) in g0.iter().zip(&g1) {
+            assert!(to_vec_f64(a).iter().any(|&x| x != 0.0), "{name}: zero gradient");
+            assert!(max_diff(a, b) < 1e-12, "{kernels:?} {name}: {:.2e}", max_diff(a, b));
+        }
+        // What the graph keeps alive: every op of every block without checkpointing; with it, one
+        // node per block (so one more block adds exactly one node).
+        let (more0, more1) = (run(false, 3).2, run(true, 3).2);
+        eprintln!("{kernels:?} tied {tied}: graph nodes at 2 → 3 blocks: {held0} → {more0} plain, {held1} → {more1} checkpointed");
+        assert_eq!(more1, held1 + 1, "nodes kept per checkpointed block");
+        assert!(more0 >= held0 + 10, "{held0} → {more0} nodes without checkpointing");
+    }
+    // Projections whose gradient goes to their variable through autograd cannot be checkpointed
+    // (the node returns only its input's and the gains' gradients): refused, not dropped.
+    let cfg = LlamaConfig::tiny(40, true);
+    let params = Params::random(&cfg, 8, DType::F64, &Device::Cpu).unwrap();
+    let model = Llama::new(cfg, DType::F64, &Device::Cpu).with_checkpointing(true);
+    let w = params.compute_weights(DType::F64, |_, t| Ok(t.clone())).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 7, 2]], &Device::Cpu).unwrap();
+    let (loss, _) = model.loss(&w, &ids, &[1, 5, 7, 2]).unwrap();
+    let Err(err) = loss.backward() else {
+        panic!("a dropped gradient must be an error")
+    };
+    assert!(err.to_string().contains("accumulate its gradient in place"), "{err}");
+}
+
+#[test]
+fn checkpointed_training_steps_make_the_same_updates() {
+    // The whole step (f32, CPU) with `train.checkpoint_layers` on and off, for the views whose weights
+    // reach the blocks by different paths: plain copies, the fused straight-through grid copy (STE),
+    // an f32 view over an accumulating copy (selective), learned scales.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    common::tiny_model_dir(&model, 4);
+    let quant = |rest: &str| format!("[quant]\nmethod = \"prox\"\npull = \"prox\"\ndist_scale = 10.0\n{rest}");
+    let setups = [
+        String::new(),
+        "[quant]\nmethod = \"ste\"\n".into(),
+        quant("grad_at = \"selective\"\n"),
+        quant("grad_at = \"q\"\nscale_lr_mult = 1.0\n"),
+    ];
+    for extra in &setups {
+        let cfg = common::tiny_config(tmp.path(), &model, extra);
+        let run = |checkpoint: bool| {
+            let sets = [
+                format!("train.checkpoint_layers={checkpoint}"),
+                "train.max_steps=3".into(),
+            ];
+            let cfg = proxqat::config::Config::load(&cfg, &sets).unwrap();
+            let mut trainer = proxqat::train::Trainer::new(cfg, None).unwrap();
+            let losses: Vec<f64> = (0..3).map(|_| trainer.step().unwrap().loss).collect();
+            (losses, trainer.params.to_tensors())
+        };
+        let ((l0, w0), (l1, w1)) = (run(false), run(true));
+        assert_eq!(l0, l1, "losses ({extra:?})");
+        for (name, a) in &w0 {
+            let d = max_diff(a, &w1[name]);
+            assert!(d < 1e-6, "{name}: {d:.2e} after 3 steps ({extra:?})");
+        }
+    }
+}

@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use std::collections::BTreeMap;
 
+use super::block::{get, Block, LayerWeights};
+use super::checkpoint;
 use super::config::LlamaConfig;
 use super::ops;
 use crate::fused::{self, Kernels};
@@ -129,6 +131,8 @@ pub struct Llama {
     pub dtype: DType,
     /// Fused kernels (default) or the reference compositions of candle primitives.
     pub kernels: Kernels,
+    /// Keep only each block's input for the backward and recompute the rest (`model::checkpoint`).
+    pub checkpoint_layers: bool,
     cache: std::sync::Mutex<BTreeMap<usize, (Tensor, Tensor, Tensor)>>,
 }
 
@@ -139,12 +143,20 @@ impl Llama {
             device: device.clone(),
             dtype,
             kernels: Kernels::default(),
+            checkpoint_layers: false,
             cache: Default::default(),
         }
     }
 
     pub fn with_kernels(self, kernels: Kernels) -> Self {
         Llama { kernels, ..self }
+    }
+
+    pub fn with_checkpointing(self, checkpoint_layers: bool) -> Self {
+        Llama {
+            checkpoint_layers,
+            ..self
+        }
     }
 
     fn constants(&self, seq_len: usize) -> Result<(Tensor, Tensor, Tensor)> {
@@ -174,76 +186,34 @@ impl Llama {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t) = ids.dims2()?;
-        let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let (cos, sin, mask) = self.constants(t)?;
-        let get = |name: String| w.get(&name).with_context(|| format!("missing weight `{name}`"));
-        // Matmuls in the compute dtype; their outputs join the residual stream in its own dtype.
-        let fused = self.kernels == Kernels::Fused;
-        let linear = |x: &Tensor, name: String| -> Result<Tensor> {
-            let w = get(name.clone())?;
-            let x = x.to_dtype(w.dtype())?;
-            Ok(match grads_into.get(&name) {
-                Some(acc) if fused => fused::linear::linear(&x, w, acc)?,
-                _ => x.broadcast_matmul(&w.t()?)?,
-            })
+        let block = Block {
+            cfg: cfg.clone(),
+            dtype: self.dtype,
+            fused: self.kernels == Kernels::Fused,
+            cos,
+            sin,
+            mask,
         };
-        // Fused: the norm writes the matmul input dtype directly. Reference: f32 out, cast by `linear`.
-        let norm = |x: &Tensor, name: String| -> Result<Tensor> {
-            let (w, eps) = (get(name)?, cfg.rms_norm_eps);
-            Ok(if fused {
-                fused::rms_norm::rms_norm(x, w, eps, self.dtype)?
-            } else {
-                ops::rms_norm(x, w, eps)?
-            })
-        };
-        let table = get(EMBEDDING.into())?;
+        let table = get(w, EMBEDDING)?;
         let mut x = match grads_into.get(EMBEDDING) {
-            Some(acc) if fused => fused::embedding::embedding(table, &ids.flatten_all()?, acc)?,
+            Some(acc) if block.fused => fused::embedding::embedding(table, &ids.flatten_all()?, acc)?,
             _ => table.index_select(&ids.flatten_all()?, 0)?,
         };
         x = x.reshape((b, t, cfg.hidden_size))?;
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let a = norm(&x, format!("{p}.input_layernorm.weight"))?;
-            let proj = |name: &str| linear(&a, format!("{p}.self_attn.{name}.weight"));
-            let split_heads = |y: Tensor, n: usize| -> Result<Tensor> {
-                Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let v = split_heads(proj("v_proj")?, kv)?;
-            let att = if fused {
-                let q = fused::rope::rope(&proj("q_proj")?, &cos, &sin, h)?;
-                let k = fused::rope::rope(&proj("k_proj")?, &cos, &sin, kv)?;
-                fused::softmax::causal_attention(&q, &k, &v)?
+            let layer = LayerWeights::of(i, w, grads_into)?;
+            x = if self.checkpoint_layers && x.track_op() {
+                let gains = layer.gains()?;
+                let block = block.clone();
+                checkpoint::checkpointed(&x, [&gains[0], &gains[1]], move |x, gains, track| {
+                    block.forward(x, &layer.with_gains(gains, track))
+                })?
             } else {
-                let q = ops::rope(&split_heads(proj("q_proj")?, h)?, &cos, &sin)?;
-                let k = ops::rope(&split_heads(proj("k_proj")?, kv)?, &cos, &sin)?;
-                ops::causal_attention(&q, &k, &v, &mask)?
+                block.forward(&x, &layer)?
             };
-            let att = att.transpose(1, 2)?.reshape((b, t, h * hd))?;
-            x = (&x + linear(&att, format!("{p}.self_attn.o_proj.weight"))?.to_dtype(x.dtype())?)?;
-            let m = norm(&x, format!("{p}.post_attention_layernorm.weight"))?;
-            let names = ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{p}.mlp.{n}.weight"));
-            let accumulators = names.each_ref().map(|n| grads_into.get(n));
-            let out = match accumulators {
-                // One node with its own backward when every projection accumulates in place.
-                [Some(g), Some(u), Some(d)] if fused => {
-                    let w = [get(names[0].clone())?, get(names[1].clone())?, get(names[2].clone())?];
-                    fused::mlp::mlp(&m.to_dtype(w[0].dtype())?, w, [g, u, d])?
-                }
-                _ => {
-                    let [gate_name, up_name, down_name] = names;
-                    let (gate, up) = (linear(&m, gate_name)?, linear(&m, up_name)?);
-                    let act = if fused {
-                        fused::swiglu::swiglu(&gate, &up)?
-                    } else {
-                        ops::swiglu(&gate, &up)?
-                    };
-                    linear(&act, down_name)?
-                }
-            };
-            x = (&x + out.to_dtype(x.dtype())?)?;
         }
-        norm(&x, "model.norm.weight".into())
+        block.norm(&x, get(w, "model.norm.weight")?)
     }
 
     /// `hidden · headᵀ` in the compute dtype (a tied head is the embedding, cast here).

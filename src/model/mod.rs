@@ -1,5 +1,7 @@
 //! The trainable Llama family and its checkpoint formats.
 
+mod block;
+pub mod checkpoint;
 pub mod config;
 pub mod gguf;
 pub mod io;

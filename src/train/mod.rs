@@ -189,7 +189,9 @@ impl Trainer {
             .map(|(k, v)| Ok((k, v.to_device(&device)?)))
             .collect::<Result<_>>()?;
         let params = Params::from_tensors(&loaded.cfg, tensors, master)?;
-        let model = Llama::new(loaded.cfg.clone(), compute, &device).with_kernels(cfg.train.kernels);
+        let model = Llama::new(loaded.cfg.clone(), compute, &device)
+            .with_kernels(cfg.train.kernels)
+            .with_checkpointing(cfg.train.checkpoint_layers);
 
         let (train, val) = data::split(records, cfg.val_size(), cfg.data.split_seed)
             .with_context(|| format!("splitting {}", cfg.data.path.display()))?;
