@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU time per kernel of `proxqat bench` under Nsight Compute: one warm-up and one profiled step of one
 # micro-batch (global batch = micro-batch), Llama-3.2-1B shape. Prints the kernels by total time.
-# usage (on the GPU machine): scripts/experiments/ncu-kernels.sh BIN ASSETS OUT [extra bench flags]
+# usage (on the GPU machine): [MB=4] scripts/experiments/ncu-kernels.sh BIN ASSETS OUT [extra bench flags]
 set -uo pipefail
 bin=$1; assets=$2; out=$3; shift 3
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/device-env.sh"
 mkdir -p "$out"
 /usr/local/cuda/bin/ncu --metrics gpu__time_duration.sum --csv --print-units base \
-  "$bin" bench --tokenizer "$assets/llama3.2-tokenizer.json" --micro-batch 4 --global-batch 4 --steps 0 "$@" \
+  "$bin" bench --tokenizer "$assets/llama3.2-tokenizer.json" --micro-batch ${MB:-4} --global-batch ${MB:-4} --steps 0 "$@" \
   > "$out/ncu.csv" 2> "$out/ncu.err" || { tail -5 "$out/ncu.err"; exit 1; }
 python3 - "$out/ncu.csv" <<'PY'
 import csv, sys, collections

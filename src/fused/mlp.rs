@@ -22,9 +22,7 @@ pub fn mlp(m: &Tensor, w: [&Tensor; 3], acc: [&Tensor; 3]) -> Result<Tensor> {
     let hidden = m.dim(D::Minus1)?;
     let rows = m.elem_count() / hidden;
     let x = m.detach().contiguous()?.reshape((rows, hidden))?;
-    let gate = x.matmul(&w_gate.t()?)?;
-    let up = x.matmul(&w_up.t()?)?;
-    let out = swiglu(&gate, &up)?.matmul(&w_down.t()?)?;
+    let (out, gate, up) = mlp_forward(&x, [&w_gate, &w_up, &w_down])?;
     if !m.track_op() {
         return out.reshape(m.shape());
     }
@@ -39,6 +37,14 @@ pub fn mlp(m: &Tensor, w: [&Tensor; 3], acc: [&Tensor; 3]) -> Result<Tensor> {
         .reshape((rows, hidden))?
         .apply_op1(node)?
         .reshape(m.shape())
+}
+
+/// `(out, gate, up)` of the MLP on detached rows `x: (rows, hidden)` (no autograd node).
+pub(super) fn mlp_forward(x: &Tensor, [w_gate, w_up, w_down]: [&Tensor; 3]) -> Result<(Tensor, Tensor, Tensor)> {
+    let gate = x.matmul(&w_gate.t()?)?;
+    let up = x.matmul(&w_up.t()?)?;
+    let out = swiglu(&gate, &up)?.matmul(&w_down.t()?)?;
+    Ok((out, gate, up))
 }
 
 struct Mlp {
@@ -64,17 +70,30 @@ impl CustomOp1 for Mlp {
     }
 
     fn bwd(&self, m: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let [w_gate, w_up, w_down] = &self.w;
-        let [acc_gate, acc_up, acc_down] = &self.acc;
-        let (m, grad) = (m.detach(), grad.detach().contiguous()?);
-        let act = swiglu(&self.gate, &self.up)?;
-        add_product_into(acc_down, &grad, &act)?;
-        overlap::accumulated(acc_down)?;
-        let (d_gate, d_up) = swiglu_backward(&self.gate, &self.up, &grad.matmul(w_down)?)?;
-        add_product_into(acc_gate, &d_gate, &m)?;
-        overlap::accumulated(acc_gate)?;
-        add_product_into(acc_up, &d_up, &m)?;
-        overlap::accumulated(acc_up)?;
-        Ok(Some((d_gate.matmul(w_gate)? + d_up.matmul(w_up)?)?))
+        let w = self.w.each_ref();
+        let acc = self.acc.each_ref();
+        Ok(Some(mlp_backward(m, &self.gate, &self.up, w, acc, grad)?))
     }
+}
+
+/// `∂L/∂m` of the MLP on rows `m: (rows, hidden)` with the forward's `gate` and `up`, from the output's
+/// gradient; the three weight gradients are added into `acc` (no autograd).
+pub(super) fn mlp_backward(
+    m: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    [w_gate, w_up, w_down]: [&Tensor; 3],
+    [acc_gate, acc_up, acc_down]: [&Tensor; 3],
+    grad: &Tensor,
+) -> Result<Tensor> {
+    let (m, grad) = (m.detach(), grad.detach().contiguous()?);
+    let act = swiglu(gate, up)?;
+    add_product_into(acc_down, &grad, &act)?;
+    overlap::accumulated(acc_down)?;
+    let (d_gate, d_up) = swiglu_backward(gate, up, &grad.matmul(w_down)?)?;
+    add_product_into(acc_gate, &d_gate, &m)?;
+    overlap::accumulated(acc_gate)?;
+    add_product_into(acc_up, &d_up, &m)?;
+    overlap::accumulated(acc_up)?;
+    d_gate.matmul(w_gate)? + d_up.matmul(w_up)?
 }

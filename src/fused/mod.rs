@@ -11,6 +11,7 @@
 //! gradient lives (seen on the GPU: +3.3 GB per micro-batch at Llama-3.2-1B shape).
 
 pub mod adamw;
+pub mod block;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod grid;

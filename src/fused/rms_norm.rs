@@ -16,6 +16,18 @@ struct RmsNorm {
     out: DType,
 }
 
+/// `(∂L/∂x, ∂L/∂w)` of `rms_norm(x, w, eps, _)` from `gy` (no autograd): dx in x's dtype, dw in w's.
+pub(super) fn rms_norm_backward(x: &Tensor, w: &Tensor, gy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let (n, d) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
+    let packed = x
+        .contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &gy.contiguous()?, &RmsNormBwd { eps })?;
+    let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+    let chunks = packed.dim(0)? - n;
+    let dw = packed.narrow(0, n, chunks)?.sum(0)?.reshape(d)?.to_dtype(w.dtype())?;
+    Ok((dx, dw))
+}
+
 /// Backward: `(x, w, gy)` → one `(n + chunks, d)` buffer: dx in the first n rows, partial sums of dw in
 /// the last `chunks` rows (summed in a fixed order afterwards: deterministic).
 struct RmsNormBwd {
@@ -79,11 +91,7 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, d) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
-        let packed = x.apply_op3_no_bwd(w, &gy.contiguous()?, &RmsNormBwd { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let chunks = packed.dim(0)? - n;
-        let dw = packed.narrow(0, n, chunks)?.sum(0)?.reshape(d)?.to_dtype(w.dtype())?;
+        let (dx, dw) = rms_norm_backward(x, w, gy, self.eps)?;
         Ok((Some(dx), Some(dw)))
     }
 }

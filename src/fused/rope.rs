@@ -122,3 +122,14 @@ impl CustomOp1 for Rope {
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
     }
 }
+
+/// `∂L/∂x: (B, T, H·D)` of `rope(x, cos, sin, _)` from `∂L/∂y: (B, H, T, D)` (no autograd).
+pub(super) fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let back = Rope {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        heads: grad.dim(1)?,
+        inverse: true,
+    };
+    grad.contiguous()?.apply_op1_no_bwd(&back)
+}

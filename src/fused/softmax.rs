@@ -127,14 +127,9 @@ impl CustomOp2 for CausalSoftmaxBwd {
 /// writes the gradients of the three inputs without candle's per-node zero-fill and add.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
-    let kv = k.dim(1)?;
-    // Each KV head serves the h / kv query heads next to it: one batch entry per KV head.
-    let q3 = q.contiguous()?.reshape((b * kv, (h / kv) * t, d))?;
-    let k3 = k.contiguous()?.reshape((b * kv, t, d))?;
-    let v3 = v.contiguous()?.reshape((b * kv, t, d))?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let (probs, _) = probabilities(&q3.detach(), &k3.detach(), scale)?;
-    let out = probs.matmul(&v3.detach())?;
+    let [q3, k3, v3] = per_kv_head(q, k, v)?;
+    let scale = attention_scale(d);
+    let out = attend(&q3.detach(), &k3.detach(), &v3.detach(), scale)?;
     let out = if [q, k, v].iter().any(|x| x.track_op()) {
         let node = Attention {
             out: Precomputed::new(out, "fused attention"),
@@ -145,6 +140,27 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         out
     };
     out.reshape((b, h, t, d))
+}
+
+/// `q: (B, H, T, D)`, `k, v: (B, KV, T, D)` as one batch entry per KV head, which serves the h / kv
+/// query heads next to it: `(B·KV, (H/KV)·T, D)`, `(B·KV, T, D)`, `(B·KV, T, D)` (views when contiguous).
+pub(super) fn per_kv_head(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<[Tensor; 3]> {
+    let (b, h, t, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    Ok([
+        q.contiguous()?.reshape((b * kv, (h / kv) * t, d))?,
+        k.contiguous()?.reshape((b * kv, t, d))?,
+        v.contiguous()?.reshape((b * kv, t, d))?,
+    ])
+}
+
+pub(super) fn attention_scale(head_dim: usize) -> f64 {
+    1.0 / (head_dim as f64).sqrt()
+}
+
+/// The attention's forward on per-KV-head batch entries (no autograd node of its own).
+pub(super) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    probabilities(q, k, scale)?.0.matmul(v)
 }
 
 /// The causal softmax of the scaled scores (in q's dtype) and the f32 scores.
@@ -199,15 +215,28 @@ impl CustomOp3 for Attention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach().contiguous()?);
-        let (probs, s) = probabilities(&q, &k, self.scale)?;
-        let dv = probs.t()?.matmul(&grad)?;
-        let dp = grad.matmul(&v.t()?)?;
-        let ds = s
-            .apply_op2_no_bwd(&dp, &CausalSoftmaxBwd { scale: self.scale })?
-            .to_dtype(q.dtype())?;
-        Ok((Some(ds.matmul(&k)?), Some(ds.t()?.matmul(&q)?), Some(dv)))
+        let (dq, dk, dv) = attention_backward(q, k, v, grad, self.scale)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
+}
+
+/// `(dq, dk, dv)` of the attention on `(N, M, D)` / `(N, T, D)` batch entries (one per KV head) from
+/// the output's gradient `(N, M, D)`, recomputing scores and probabilities (no autograd).
+pub(super) fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach().contiguous()?);
+    let (probs, s) = probabilities(&q, &k, scale)?;
+    let dv = probs.t()?.matmul(&grad)?;
+    let dp = grad.matmul(&v.t()?)?;
+    let ds = s
+        .apply_op2_no_bwd(&dp, &CausalSoftmaxBwd { scale })?
+        .to_dtype(q.dtype())?;
+    Ok((ds.matmul(&k)?, ds.t()?.matmul(&q)?, dv))
 }
 
 /// `q · kᵀ` per batch entry in f32 (f64 stays f64): `q: (N, M, D)`, `k: (N, T, D)` → `(N, M, T)`. On

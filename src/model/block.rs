@@ -39,6 +39,16 @@ pub(super) struct LayerWeights {
 }
 
 const GAINS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
+/// The projections, in the order `fused::block::decoder_block` takes them.
+const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
 
 impl LayerWeights {
     pub fn of(layer: usize, w: &BTreeMap<String, Tensor>, grads_into: &BTreeMap<String, Tensor>) -> Result<Self> {
@@ -91,6 +101,11 @@ impl LayerWeights {
     }
 }
 
+fn seven<T>(v: Vec<T>) -> Result<[T; 7]> {
+    v.try_into()
+        .map_err(|_| anyhow::anyhow!("a decoder block has seven projections"))
+}
+
 impl Block {
     /// `x · wᵀ` in the weight's dtype; fused with in-place weight-gradient accumulation when `w` has
     /// an accumulator.
@@ -115,6 +130,24 @@ impl Block {
 
     /// The block's output for input `x: (B, T, d)` (the residual stream's dtype throughout).
     pub fn forward(&self, x: &Tensor, layer: &LayerWeights) -> Result<Tensor> {
+        // One node with its own backward when every projection accumulates in place (the training
+        // step's weights); otherwise the composition below, through autograd.
+        let accumulators: Option<Vec<&Tensor>> = PROJECTIONS.iter().map(|n| layer.accumulator(n)).collect();
+        if let (true, Some(acc)) = (self.fused, accumulators) {
+            let w = PROJECTIONS.iter().map(|n| layer.get(n)).collect::<Result<Vec<_>>>()?;
+            let cfg = &self.cfg;
+            let spec = fused::block::BlockSpec {
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+                eps: cfg.rms_norm_eps,
+                compute: self.dtype,
+                cos: self.cos.clone(),
+                sin: self.sin.clone(),
+            };
+            let gains = [layer.get(GAINS[0])?, layer.get(GAINS[1])?];
+            return Ok(fused::block::decoder_block(x, gains, seven(w)?, seven(acc)?, &spec)?);
+        }
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);

@@ -1,0 +1,217 @@
+//! A whole Llama decoder block as one autograd node with a written-out backward:
+//! `x1 = x + o_proj(attention(rope(q), rope(k), v))` on `a = rms_norm(x)`, then
+//! `out = x1 + mlp(rms_norm(x1))`.
+//!
+//! Composed of the fused ops, the block is some twenty autograd nodes (norms, projections, RoPE, head
+//! reshapes and transposes, casts, residual adds), and candle's backward zero-fills and adds a gradient
+//! buffer for every input of every one of them: ncu had those adds (`badd_bf16`, `badd_f32`) at a fifth
+//! of the GPU time of a micro-step. Here the backward calls the same kernels in the same order as the
+//! composed graph's (each op's backward function), adds the seven weight gradients into their step
+//! accumulators, and hands autograd only `∂L/∂x` and the two gains' gradients. The forward keeps what
+//! the composed graph kept, less the pre-RoPE q and k, and the backward frees each block's tensors as
+//! soon as it is done with them.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use std::sync::Mutex;
+
+use super::linear::add_product_into;
+use super::mlp::{mlp_backward, mlp_forward};
+use super::rms_norm::{rms_norm, rms_norm_backward};
+use super::rope::{rope, rope_backward};
+use super::softmax::{attend, attention_backward, attention_scale, per_kv_head};
+use super::Precomputed;
+use crate::dist::overlap;
+
+/// The block's shapes and constants.
+#[derive(Clone)]
+pub struct BlockSpec {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f64,
+    /// The matmuls' dtype (the norms write their output in it).
+    pub compute: DType,
+    /// RoPE angle tables `(T, head_dim / 2)`.
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+/// `x: (B, T, d)` (the residual stream's dtype) through the block. `gains`: input and post-attention
+/// RMSNorm gains; `w`: the compute-dtype projections q, k, v, o, gate, up, down; `acc`: their f32 (f64)
+/// gradient accumulators, in the same order.
+pub fn decoder_block(
+    x: &Tensor,
+    gains: [&Tensor; 2],
+    w: [&Tensor; 7],
+    acc: [&Tensor; 7],
+    spec: &BlockSpec,
+) -> Result<Tensor> {
+    let w = w.map(Tensor::detach);
+    let (out, saved) = forward(&x.detach(), gains.map(Tensor::detach).each_ref(), w.each_ref(), spec)?;
+    if !(x.track_op() || gains.iter().any(|g| g.track_op())) {
+        return Ok(out);
+    }
+    let node = DecoderBlock {
+        out: Precomputed::new(out, "fused decoder block"),
+        saved: Mutex::new(Some(saved)),
+        w,
+        acc: acc.map(Tensor::clone),
+        spec: spec.clone(),
+    };
+    x.contiguous()?.apply_op3(gains[0], gains[1], node)
+}
+
+/// The forward's tensors the backward reads: the block input, the normed inputs of the projections
+/// (`a`, `m`), q/k/v per KV head after RoPE, the attention output rows `o`, the residual after the
+/// attention `x1`, and the MLP's `gate` and `up`.
+struct Saved {
+    x: Tensor,
+    a: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    x1: Tensor,
+    m: Tensor,
+    gate: Tensor,
+    up: Tensor,
+}
+
+fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &BlockSpec) -> Result<(Tensor, Saved)> {
+    let [wq, wk, wv, wo, w_gate, w_up, w_down] = w;
+    let (b, t, d) = x.dims3()?;
+    let (h, kv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+    let rows = b * t;
+    let x = x.contiguous()?;
+    let a = rms_norm(&x, g_in, spec.eps, spec.compute)?.reshape((rows, d))?;
+    let project = |w: &Tensor, heads: usize| a.matmul(&w.t()?)?.reshape((b, t, heads * hd));
+    let q = rope(&project(wq, h)?, &spec.cos, &spec.sin, h)?;
+    let k = rope(&project(wk, kv)?, &spec.cos, &spec.sin, kv)?;
+    let v = project(wv, kv)?.reshape((b, t, kv, hd))?.transpose(1, 2)?;
+    let [q, k, v] = per_kv_head(&q, &k, &v)?;
+    let o = attend(&q, &k, &v, attention_scale(hd))?
+        .reshape((b, h, t, hd))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, h * hd))?;
+    let x1 = (&x + o.matmul(&wo.t()?)?.to_dtype(x.dtype())?.reshape((b, t, d))?)?;
+    let m = rms_norm(&x1, g_post, spec.eps, spec.compute)?.reshape((rows, d))?;
+    let (z, gate, up) = mlp_forward(&m, [w_gate, w_up, w_down])?;
+    let out = (&x1 + z.to_dtype(x.dtype())?.reshape((b, t, d))?)?;
+    let saved = Saved {
+        x,
+        a,
+        q,
+        k,
+        v,
+        o,
+        x1,
+        m,
+        gate,
+        up,
+    };
+    Ok((out, saved))
+}
+
+struct DecoderBlock {
+    out: Precomputed,
+    /// Taken (and so freed) by the backward.
+    saved: Mutex<Option<Saved>>,
+    w: [Tensor; 7],
+    acc: [Tensor; 7],
+    spec: BlockSpec,
+}
+
+impl CustomOp3 for DecoderBlock {
+    fn name(&self) -> &'static str {
+        "fused-decoder-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.take_cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.take_cuda()
+    }
+
+    /// The composed graph's backward, node by node: the MLP (its three weight gradients), the
+    /// post-attention norm, the residual; o_proj, the attention, RoPE⁻¹ on dq and dk, the q/k/v weight
+    /// gradients, the input norm, the residual.
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        g_in: &Tensor,
+        g_post: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused decoder block: poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("fused decoder block: backward run twice".into()))?;
+        let [wq, wk, wv, wo, w_gate, w_up, w_down] = self.w.each_ref();
+        let [aq, ak, av, ao, a_gate, a_up, a_down] = self.acc.each_ref();
+        let spec = &self.spec;
+        let (b, t, d) = s.x.dims3()?;
+        let (h, kv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+        let rows = b * t;
+        let grad = grad.detach().contiguous()?;
+
+        let dz = grad.reshape((rows, d))?.to_dtype(spec.compute)?;
+        let dm = mlp_backward(
+            &s.m,
+            &s.gate,
+            &s.up,
+            [w_gate, w_up, w_down],
+            [a_gate, a_up, a_down],
+            &dz,
+        )?;
+        let (dx1_norm, dg_post) = rms_norm_backward(&s.x1, &g_post.detach(), &dm.reshape((b, t, d))?, spec.eps)?;
+        let dx1 = (&grad + dx1_norm)?;
+
+        let dy = dx1.reshape((rows, d))?.to_dtype(spec.compute)?;
+        add_product_into(ao, &dy, &s.o)?;
+        overlap::accumulated(ao)?;
+        let d_o = dy
+            .matmul(wo)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape(s.q.shape())?;
+        let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &d_o, attention_scale(hd))?;
+        let dq = rope_backward(&dq.reshape((b, h, t, hd))?, &spec.cos, &spec.sin)?.reshape((rows, h * hd))?;
+        let dk = rope_backward(&dk.reshape((b, kv, t, hd))?, &spec.cos, &spec.sin)?.reshape((rows, kv * hd))?;
+        let dv = dv
+            .reshape((b, kv, t, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((rows, kv * hd))?;
+        for (acc, g) in [(aq, &dq), (ak, &dk), (av, &dv)] {
+            add_product_into(acc, g, &s.a)?;
+            overlap::accumulated(acc)?;
+        }
+        let da = ((dq.matmul(wq)? + dk.matmul(wk)?)? + dv.matmul(wv)?)?;
+        let (dx_norm, dg_in) = rms_norm_backward(&s.x, &g_in.detach(), &da.reshape((b, t, d))?, spec.eps)?;
+        Ok((Some((dx1 + dx_norm)?), Some(dg_in), Some(dg_post)))
+    }
+}
