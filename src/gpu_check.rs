@@ -213,7 +213,13 @@ pub fn parity(cuda: &Device) -> Result<bool> {
     let params_cpu = Params::random(&cfg, 21, DType::F32, &Device::Cpu)?;
     let ids: Vec<u32> = (0..2 * 12).map(|i| (i * 13 % 64) as u32).collect();
     let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let run = |device: &Device, dtype: DType, kernels: Kernels| -> Result<(Tensor, BTreeMap<String, Tensor>)> {
+    // `accumulating`: the projections as the training step passes them (compute copies that add their
+    // gradients into accumulators), so the fused path runs each block as one node (`fused::block`).
+    let run = |device: &Device,
+               dtype: DType,
+               kernels: Kernels,
+               accumulating: bool|
+     -> Result<(Tensor, BTreeMap<String, Tensor>)> {
         let tensors = params_cpu
             .to_tensors()
             .into_iter()
@@ -221,28 +227,48 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             .collect::<Result<_>>()?;
         let params = Params::from_tensors(&cfg, tensors, DType::F32)?;
         let model = Llama::new(cfg.clone(), dtype, device).with_kernels(kernels);
-        let w = params.compute_weights(dtype, |_, x| Ok(x.clone()))?;
+        let acc: BTreeMap<String, Tensor> = if accumulating {
+            params
+                .gradient_accumulators()?
+                .into_iter()
+                .filter(|(n, _)| n.starts_with("model.layers."))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let w = params.compute_weights(dtype, |n, x| match acc.get(n) {
+            Some(a) => Ok(fused::weight::compute_copy_accumulating(x, None, dtype, a)?),
+            None => Ok(x.clone()),
+        })?;
         let input = Tensor::from_vec(ids.clone(), (2, 12), device)?;
-        let (loss, _) = model.loss(&w, &input, &labels)?;
+        let (loss, _) = model.loss_into(&w, &acc, &input, &labels)?;
         let grads = loss.backward()?;
         let g = params
             .vars
             .iter()
-            .map(|(n, v)| Ok((n.clone(), grads.get(v.as_tensor()).context("missing grad")?.clone())))
+            .map(|(n, v)| {
+                let g = acc.get(n).or(grads.get(v.as_tensor())).context("missing grad")?;
+                Ok((n.clone(), g.clone()))
+            })
             .collect::<Result<_>>()?;
         Ok((loss, g))
     };
-    // Reference on the CPU; both kernel sets on CUDA.
-    let (ref_loss, ref_grads) = run(&Device::Cpu, DType::F32, Kernels::Reference)?;
-    for kernels in [Kernels::Fused, Kernels::Reference] {
+    // Reference on the CPU; both kernel sets on CUDA, and the fused blocks of the training step.
+    let (ref_loss, ref_grads) = run(&Device::Cpu, DType::F32, Kernels::Reference, false)?;
+    for (kernels, accumulating) in [
+        (Kernels::Fused, false),
+        (Kernels::Reference, false),
+        (Kernels::Fused, true),
+    ] {
         for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
-            let (loss, grads) = run(cuda, dtype, kernels)?;
+            let (loss, grads) = run(cuda, dtype, kernels, accumulating)?;
             let mut err = rel_err(&loss, &ref_loss)?;
             for (n, g) in &grads {
                 err = err.max(rel_err(g, &ref_grads[n])?);
             }
+            let what = if accumulating { " (block nodes)" } else { "" };
             rows.push(Row {
-                name: format!("tiny llama {kernels:?} loss+grads"),
+                name: format!("tiny llama {kernels:?}{what} loss+grads"),
                 dtype,
                 err,
                 tol,

@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
 
-use super::linear::add_product_into;
+use super::linear::{add_product_into, sum_of_products};
 use super::mlp::{mlp_backward, mlp_forward};
 use super::rms_norm::{rms_norm, rms_norm_backward};
 use super::rope::{rope, rope_backward};
@@ -210,7 +210,7 @@ impl CustomOp3 for DecoderBlock {
             add_product_into(acc, g, &s.a)?;
             overlap::accumulated(acc)?;
         }
-        let da = ((dq.matmul(wq)? + dk.matmul(wk)?)? + dv.matmul(wv)?)?;
+        let da = sum_of_products(&[(&dq, wq), (&dk, wk), (&dv, wv)])?;
         let (dx_norm, dg_in) = rms_norm_backward(&s.x, &g_in.detach(), &da.reshape((b, t, d))?, spec.eps)?;
         Ok((Some((dx1 + dx_norm)?), Some(dg_in), Some(dg_post)))
     }

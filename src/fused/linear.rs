@@ -92,6 +92,24 @@ pub(super) fn add_product_into(acc: &Tensor, a: &Tensor, b: &Tensor) -> Result<(
     super::weight::add_into(acc, &a.t()?.matmul(b)?)
 }
 
+/// `Σᵢ aᵢ · bᵢ` for `aᵢ: (m, nᵢ)`, `bᵢ: (nᵢ, k)` in one dtype (the input gradient of a tensor read by
+/// several projections). On CUDA the products go into one buffer, each GEMM after the first adding to it
+/// (β = 1, f32 accumulation) instead of separate products and an elementwise add each.
+pub(super) fn sum_of_products(terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
+    let Some(((a0, b0), rest)) = terms.split_first() else {
+        candle_core::bail!("sum_of_products: no terms");
+    };
+    #[cfg(feature = "cuda")]
+    if a0.device().is_cuda() && a0.dtype() == candle_core::DType::BF16 {
+        let out = Tensor::zeros((a0.dim(0)?, b0.dim(1)?), a0.dtype(), a0.device())?;
+        for (a, b) in terms {
+            cuda::gemm_into(&out, &a.contiguous()?, &b.contiguous()?)?;
+        }
+        return Ok(out);
+    }
+    rest.iter().try_fold(a0.matmul(b0)?, |sum, (a, b)| sum + a.matmul(b)?)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::cublas::{result, sys};
@@ -103,6 +121,58 @@ mod cuda {
             DType::F32 => sys::cudaDataType::CUDA_R_32F,
             other => candle_core::bail!("fused linear: no CUDA weight gradient for {other:?} (bf16 and f32)"),
         })
+    }
+
+    /// `out += a · b` (row-major `a: (m, n)`, `b: (n, k)`, `out: (m, k)`, all bf16 or all f32) as one
+    /// cuBLAS GEMM with β = 1 and f32 accumulation, on the device's stream.
+    pub fn gemm_into(out: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+        let op = "sum of products";
+        let (m, n) = a.dims2()?;
+        let k = b.dim(1)?;
+        if out.dims() != [m, k] || b.dim(0)? != n || a.dtype() != b.dtype() || out.dtype() != a.dtype() {
+            candle_core::bail!(
+                "{op}: shapes {:?} · {:?} into {:?} (one dtype)",
+                a.dims(),
+                b.dims(),
+                out.dims()
+            );
+        }
+        let dtype = data_type(a.dtype())?;
+        let (out_ptr, a_ptr, b_ptr) = (
+            super::super::cuda::tensor_ptr(out, op)?,
+            super::super::cuda::tensor_ptr(a, op)?,
+            super::super::cuda::tensor_ptr(b, op)?,
+        );
+        let blas = out.device().as_cuda_device()?.cublas_handle();
+        let (alpha, beta) = (1f32, 1f32);
+        let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {v} exceeds i32")));
+        // Column-major view: outᵀ (k × m, ld k) += bᵀ (k × n, ld k) · aᵀ (n × m, ld n).
+        // SAFETY: the three pointers address live contiguous tensors of the stated shapes; the handle
+        // runs on the device's one stream, which orders the GEMM after their producers.
+        unsafe {
+            result::gemm_ex(
+                *blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                int(k)?,
+                int(m)?,
+                int(n)?,
+                (&alpha as *const f32).cast(),
+                b_ptr as *const std::ffi::c_void,
+                dtype,
+                int(k)?,
+                a_ptr as *const std::ffi::c_void,
+                dtype,
+                int(n)?,
+                (&beta as *const f32).cast(),
+                out_ptr as *mut std::ffi::c_void,
+                dtype,
+                int(k)?,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("{op}: cublasGemmEx: {e:?}")))
     }
 
     /// `acc += aᵀ · b` as one cuBLAS GEMM with β = 1 and f32 accumulation, on the device's stream.

@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 
-use super::linear::add_product_into;
+use super::linear::{add_product_into, sum_of_products};
 use super::swiglu::{swiglu, swiglu_backward};
 use super::Precomputed;
 use crate::dist::overlap;
@@ -95,5 +95,5 @@ pub(super) fn mlp_backward(
     overlap::accumulated(acc_gate)?;
     add_product_into(acc_up, &d_up, &m)?;
     overlap::accumulated(acc_up)?;
-    d_gate.matmul(w_gate)? + d_up.matmul(w_up)?
+    sum_of_products(&[(&d_gate, w_gate), (&d_up, w_up)])
 }
