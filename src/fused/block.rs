@@ -11,7 +11,7 @@
 //! the composed graph kept, less the pre-RoPE q and k, and the backward frees each block's tensors as
 //! soon as it is done with them.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Result, Tensor};
 use std::sync::Mutex;
 
 use super::linear::{add_product_into, sum_of_products};
@@ -19,7 +19,7 @@ use super::mlp::{mlp_backward, mlp_forward};
 use super::rms_norm::{rms_norm, rms_norm_backward};
 use super::rope::{rope, rope_backward};
 use super::softmax::{attend, attention_backward, attention_scale, per_kv_head};
-use super::Precomputed;
+use super::{node3, Backward3};
 use crate::dist::overlap;
 
 /// The block's shapes and constants.
@@ -52,13 +52,12 @@ pub fn decoder_block(
         return Ok(out);
     }
     let node = DecoderBlock {
-        out: Precomputed::new(out, "fused decoder block"),
         saved: Mutex::new(Some(saved)),
         w,
         acc: acc.map(Tensor::clone),
         spec: spec.clone(),
     };
-    x.contiguous()?.apply_op3(gains[0], gains[1], node)
+    node3(out, [&x.contiguous()?, gains[0], gains[1]], node)
 }
 
 /// The forward's tensors the backward reads: the block input, the normed inputs of the projections
@@ -114,7 +113,6 @@ fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &Blo
 }
 
 struct DecoderBlock {
-    out: Precomputed,
     /// Taken (and so freed) by the backward.
     saved: Mutex<Option<Saved>>,
     w: [Tensor; 7],
@@ -122,47 +120,15 @@ struct DecoderBlock {
     spec: BlockSpec,
 }
 
-impl CustomOp3 for DecoderBlock {
+impl Backward3 for DecoderBlock {
     fn name(&self) -> &'static str {
-        "fused-decoder-block"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.take_cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.take_cuda()
+        "fused decoder block"
     }
 
     /// The composed graph's backward, node by node: the MLP (its three weight gradients), the
     /// post-attention norm, the residual; o_proj, the attention, RoPE⁻¹ on dq and dk, the q/k/v weight
     /// gradients, the input norm, the residual.
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        g_in: &Tensor,
-        g_post: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [_x, g_in, g_post]: [&Tensor; 3], grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
         let s = self
             .saved
             .lock()
@@ -212,6 +178,6 @@ impl CustomOp3 for DecoderBlock {
         }
         let da = sum_of_products(&[(&dq, wq), (&dk, wk), (&dv, wv)])?;
         let (dx_norm, dg_in) = rms_norm_backward(&s.x, &g_in.detach(), &da.reshape((b, t, d))?, spec.eps)?;
-        Ok((Some((dx1 + dx_norm)?), Some(dg_in), Some(dg_post)))
+        Ok([Some((dx1 + dx_norm)?), Some(dg_in), Some(dg_post)])
     }
 }

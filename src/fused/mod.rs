@@ -24,7 +24,7 @@ pub mod swiglu;
 pub mod weight;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Result};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
 /// Which implementation the model's building blocks use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -38,22 +38,22 @@ pub enum Kernels {
 }
 
 /// A result computed outside a custom op (by ordinary tensor ops, on detached inputs) and handed to
-/// autograd once by the op's forward: how a node with a written-out backward (`mlp`, a checkpointed
-/// block) enters the graph. The forward copies it out (candle's custom ops return fresh storage).
+/// autograd once by the op's forward (`node3`, the MLP node). The forward copies it out (candle's
+/// custom ops return fresh storage).
 pub(crate) struct Precomputed {
-    out: std::sync::Mutex<Option<candle_core::Tensor>>,
+    out: std::sync::Mutex<Option<Tensor>>,
     op: &'static str,
 }
 
 impl Precomputed {
-    pub fn new(out: candle_core::Tensor, op: &'static str) -> Self {
+    pub fn new(out: Tensor, op: &'static str) -> Self {
         Precomputed {
             out: std::sync::Mutex::new(Some(out)),
             op,
         }
     }
 
-    fn take(&self) -> Result<candle_core::Tensor> {
+    fn take(&self) -> Result<Tensor> {
         self.out
             .lock()
             .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned", self.op)))?
@@ -78,6 +78,69 @@ impl Precomputed {
             candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
             _ => candle_core::bail!("{}: CUDA input, result on another device", self.op),
         }
+    }
+}
+
+/// The backward of a three-argument node built by [`node3`].
+pub(crate) trait Backward3: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// The arguments' gradients from the output's.
+    fn bwd(&self, args: [&Tensor; 3], grad: &Tensor) -> Result<[Option<Tensor>; 3]>;
+}
+
+/// `out`, computed by ordinary tensor ops on detached inputs, entered into autograd as one node over
+/// `args` whose backward is `backward` (a node with a written-out backward: the fused decoder block and
+/// attention, a checkpointed block).
+pub(crate) fn node3(out: Tensor, args: [&Tensor; 3], backward: impl Backward3) -> Result<Tensor> {
+    let out = Precomputed::new(out, backward.name());
+    args[0].apply_op3(args[1], args[2], Node3 { out, backward })
+}
+
+struct Node3<B> {
+    out: Precomputed,
+    backward: B,
+}
+
+impl<B: Backward3> candle_core::CustomOp3 for Node3<B> {
+    fn name(&self) -> &'static str {
+        self.backward.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        self.out.take_cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.out.take_cuda()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [da, db, dc] = self.backward.bwd([a, b, c], grad)?;
+        Ok((da, db, dc))
     }
 }
 

@@ -3,9 +3,9 @@
 //! in f32 from the scores rather than reading the rounded ones.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use super::{cpu_storage, host_f64, Precomputed};
+use super::{cpu_storage, host_f64, node3, Backward3};
 
 /// `scores: (.., T, T)` (f32, or f64 on the CPU) → probabilities of `softmax(scale·s)` under the causal
 /// mask (row i sees columns ≤ i), in `out`.
@@ -131,11 +131,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let scale = attention_scale(d);
     let out = attend(&q3.detach(), &k3.detach(), &v3.detach(), scale)?;
     let out = if [q, k, v].iter().any(|x| x.track_op()) {
-        let node = Attention {
-            out: Precomputed::new(out, "fused attention"),
-            scale,
-        };
-        q3.apply_op3(&k3, &v3, node)?
+        node3(out, [&q3, &k3, &v3], Attention { scale })?
     } else {
         out
     };
@@ -170,53 +166,20 @@ fn probabilities(q: &Tensor, k: &Tensor, scale: f64) -> Result<(Tensor, Tensor)>
 }
 
 struct Attention {
-    out: Precomputed,
     scale: f64,
 }
 
-impl CustomOp3 for Attention {
+impl Backward3 for Attention {
     fn name(&self) -> &'static str {
-        "fused-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.take_cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.take_cuda()
+        "fused attention"
     }
 
     /// The arithmetic of the three-node graph (scores → softmax → P·V), node by node: `dV = Pᵀ·dO`,
     /// `dP = dO·Vᵀ`, `dS` by the softmax backward (f32, from the f32 scores), then through q's dtype
     /// `dq = dS·k`, `dk = dSᵀ·q`.
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [q, k, v]: [&Tensor; 3], grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
         let (dq, dk, dv) = attention_backward(q, k, v, grad, self.scale)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        Ok([Some(dq), Some(dk), Some(dv)])
     }
 }
 

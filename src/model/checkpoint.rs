@@ -8,9 +8,9 @@
 //! as they do without checkpointing). Memory per block drops from all its activations to its input,
 //! for one more forward of each block in the backward: PyTorch's `torch.utils.checkpoint`.
 
-use candle_core::{CustomOp3, Layout, Result, Shape, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 
-use crate::fused::Precomputed;
+use crate::fused::{node3, Backward3};
 
 /// `block(x, gains, track)` without its activations kept. `block` must compute the same values at
 /// every call (no dropout here); with `track = false` it must record no graph (detach its weights).
@@ -21,58 +21,22 @@ pub fn checkpointed(
 ) -> anyhow::Result<Tensor> {
     let out = block(&x.detach(), gains.map(Tensor::detach).each_ref(), false)?;
     anyhow::ensure!(!out.track_op(), "a checkpointed block recorded a graph in its forward");
-    let node = Checkpoint {
-        out: Precomputed::new(out, "checkpointed block"),
-        block: Box::new(block),
-    };
-    Ok(x.apply_op3(gains[0], gains[1], node)?)
+    let node = Checkpoint { block: Box::new(block) };
+    Ok(node3(out, [x, gains[0], gains[1]], node)?)
 }
 
 type BlockFn = dyn Fn(&Tensor, [&Tensor; 2], bool) -> anyhow::Result<Tensor> + Send + Sync;
 
 struct Checkpoint {
-    out: Precomputed,
     block: Box<BlockFn>,
 }
 
-impl CustomOp3 for Checkpoint {
+impl Backward3 for Checkpoint {
     fn name(&self) -> &'static str {
-        "checkpointed-block"
+        "checkpointed block"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        self.out.take_cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.take_cuda()
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gain_in: &Tensor,
-        gain_post: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, gain_in, gain_post]: [&Tensor; 3], grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
         // Fresh leaves, so the recomputation's backward stops here and reports their gradients.
         let [x, gain_in, gain_post] = [x, gain_in, gain_post].map(|t| Var::from_tensor(&t.detach()));
         let (x, gain_in, gain_post) = (x?, gain_in?, gain_post?);
@@ -96,6 +60,6 @@ impl CustomOp3 for Checkpoint {
             );
         }
         let of = |v: &Var| grads.get(v.as_tensor()).cloned();
-        Ok((of(&x), of(&gain_in), of(&gain_post)))
+        Ok([of(&x), of(&gain_in), of(&gain_post)])
     }
 }
