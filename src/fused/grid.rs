@@ -30,8 +30,11 @@ pub fn uniform_counts(x: &Tensor, scale: &Tensor, half_levels: f64, atol: f64) -
                 shared_mem_bytes: 0,
             };
             cuda::launch(dev, "grid_counts_f32", cfg, &args)?;
-            // Per-block counts are exact in f32 (< 2^24 each); their sum is taken in f64.
-            return Ok(Some(partials.to_dtype(candle_core::DType::F64)?.sum(0)?));
+            // Per-block counts are exact in f32 (< 2^24 each); their sum is taken in f64, one
+            // contiguous row per statistic (candle reduces a row in one block; a strided column
+            // reduction is slower).
+            let by_statistic = partials.t()?.contiguous()?.to_dtype(candle_core::DType::F64)?;
+            return Ok(Some(by_statistic.sum(1)?));
         }
     }
     let _ = (x, scale, half_levels, atol);
