@@ -42,7 +42,11 @@ pub struct Stats {
 /// most of Prox-QAT's per-step overhead with statistics every step).
 fn sum_in_rows(t: &Tensor) -> Result<Tensor> {
     let n = t.elem_count();
-    let row = (0..=11).rev().map(|p| 1usize << p).find(|k| n.is_multiple_of(*k)).unwrap_or(1);
+    let row = (0..=11)
+        .rev()
+        .map(|p| 1usize << p)
+        .find(|k| n.is_multiple_of(*k))
+        .unwrap_or(1);
     Ok(t.reshape((n / row, row))?.sum(1)?.sum_all()?)
 }
 
