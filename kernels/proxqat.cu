@@ -212,6 +212,54 @@ __device__ void cross_entropy_bwd(const T *logits, const uint32_t *target, const
   }
 }
 
+// Distillation, per row of student logits s and teacher logits t at temperature T (w = 1/T):
+//   out = [T²·KL(softmax(t·w) ‖ softmax(s·w)) (0 if ignored), lse_s = lse(s·w), lse_t = lse(t·w)],
+//   KL = Σ_j p_t,j · (t_j − s_j)·w + lse_s − lse_t.
+template <typename T>
+__device__ void distill_fwd(const T *s, const T *t, const uint32_t *target, float *out, int v, float w) {
+  __shared__ float scratch[32];
+  const size_t row = blockIdx.x;
+  const T *sr = s + row * v, *tr = t + row * v;
+  float ms = -INFINITY, mt = -INFINITY;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) {
+    ms = fmaxf(ms, to_f(sr[j]) * w);
+    mt = fmaxf(mt, to_f(tr[j]) * w);
+  }
+  ms = block_max(ms, scratch);
+  mt = block_max(mt, scratch);
+  float zs = 0.f, zt = 0.f, cross = 0.f;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) {
+    const float tj = to_f(tr[j]) * w, et = __expf(tj - mt);
+    zs += __expf(to_f(sr[j]) * w - ms);
+    zt += et;
+    cross += et * (tj - to_f(sr[j]) * w);  // Σ e^{t−mt}·(t − s)·w, divided by Σ e^{t−mt} below
+  }
+  zs = block_sum(zs, scratch);
+  zt = block_sum(zt, scratch);
+  cross = block_sum(cross, scratch);
+  const float lse_s = ms + logf(zs), lse_t = mt + logf(zt);
+  if (threadIdx.x == 0) {
+    out[3 * row] = target[row] == 0xFFFFFFFFu ? 0.f : (cross / zt + lse_s - lse_t) / (w * w);
+    out[3 * row + 1] = lse_s;
+    out[3 * row + 2] = lse_t;
+  }
+}
+
+// ds_j = g_kl · T · (p_s,j − p_t,j)   (g_kl = 0 for ignored rows; the log-sum-exp columns are kept for
+// this backward only and carry no gradient). `aux` holds the forward's three columns then their gradients.
+template <typename T>
+__device__ void distill_bwd(const T *s, const T *t, const uint32_t *target, const float *aux, T *ds, int v,
+                            float w) {
+  const size_t row = blockIdx.x;
+  const float *a = aux + 6 * row;
+  const float g_kl = target[row] == 0xFFFFFFFFu ? 0.f : a[3] / w;
+  const T *sr = s + row * v, *tr = t + row * v;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) {
+    const float ps = __expf(to_f(sr[j]) * w - a[1]), pt = __expf(to_f(tr[j]) * w - a[2]);
+    ds[row * v + j] = from_f<T>(g_kl * (ps - pt));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Σ x² of one f32 tensor into one partial per block (grid-stride, fixed grid: deterministic).
 extern "C" __global__ void sum_squares_f32(const float *x, float *partials, size_t n) {
@@ -368,6 +416,14 @@ extern "C" __global__ void grid_counts_f32(const float *x, const float *scale, u
   extern "C" __global__ void cross_entropy_bwd_##SUF(const T *l, const uint32_t *t, const float *r,             \
                                                      const float *g, T *dl, int v) {                             \
     cross_entropy_bwd<T>(l, t, r, g, dl, v);                                                                     \
+  }                                                                                                              \
+  extern "C" __global__ void distill_fwd_##SUF(const T *s, const T *t, const uint32_t *g, float *o, int v,      \
+                                               float w) {                                                        \
+    distill_fwd<T>(s, t, g, o, v, w);                                                                            \
+  }                                                                                                              \
+  extern "C" __global__ void distill_bwd_##SUF(const T *s, const T *t, const uint32_t *g, const float *a,       \
+                                               T *ds, int v, float w) {                                          \
+    distill_bwd<T>(s, t, g, a, ds, v, w);                                                                        \
   }
 
 ROW_OPS(f32, float)

@@ -18,6 +18,8 @@ pub struct Config {
     pub eval: EvalSection,
     /// Absent: a plain full fine-tune (no quantization).
     pub quant: Option<QuantConfig>,
+    /// Absent: no teacher; the loss is the data's cross-entropy alone.
+    pub distill: Option<DistillSection>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -43,6 +45,24 @@ pub struct DataSection {
     /// Put the loss on the response only (LitGPT's Alpaca default in the seed run: false).
     #[serde(default)]
     pub mask_prompt: bool,
+}
+
+/// Knowledge distillation from a float teacher: the training loss becomes
+/// `(1 − weight)·CE(data) + weight·T²·KL(softmax(teacher/T) ‖ softmax(student/T))`, token mean over the
+/// positions the cross-entropy counts. A quantized student learns the teacher's whole next-token
+/// distribution, not only the data's one token per position.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSection {
+    /// The teacher: HF checkpoint directory, proxqat run or checkpoint directory, or `.gguf` file. Its
+    /// vocabulary must be the student's (same tokenizer); its architecture may differ.
+    pub teacher: PathBuf,
+    /// The distillation term's share of the loss, in (0, 1].
+    #[serde(default = "d_distill_weight")]
+    pub weight: f64,
+    /// Softmax temperature T of both distributions (the T² keeps gradient sizes comparable across T).
+    #[serde(default = "d_temperature")]
+    pub temperature: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +184,12 @@ fn d_split_seed() -> u64 {
 fn d_seq() -> usize {
     256
 }
+fn d_distill_weight() -> f64 {
+    1.0
+}
+fn d_temperature() -> f64 {
+    1.0
+}
 
 impl Config {
     /// Read a TOML file, apply `key=value` overrides, resolve paths relative to the file, validate.
@@ -171,7 +197,8 @@ impl Config {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
         let mut cfg = Self::parse(&text, overrides).with_context(|| format!("in config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.model.path, &mut cfg.data.path] {
+        let teacher = cfg.distill.as_mut().map(|d| &mut d.teacher);
+        for p in [&mut cfg.model.path, &mut cfg.data.path].into_iter().chain(teacher) {
             if p.is_relative() && !p.exists() && base.join(&*p).exists() {
                 *p = base.join(&*p);
             }
@@ -227,6 +254,17 @@ impl Config {
         }
         if let Some(q) = &self.quant {
             q.validate()?;
+        }
+        if let Some(d) = &self.distill {
+            if !(d.weight > 0.0 && d.weight <= 1.0) {
+                bail!(
+                    "distill.weight must be in (0, 1], got {} (remove [distill] to train without a teacher)",
+                    d.weight
+                );
+            }
+            if !(d.temperature > 0.0 && d.temperature.is_finite()) {
+                bail!("distill.temperature must be positive, got {}", d.temperature);
+            }
         }
         Ok(())
     }

@@ -75,7 +75,10 @@ pub fn parity(cuda: &Device) -> Result<bool> {
     type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
     let on = |t: &Tensor, like: &Tensor| -> Result<Tensor> { Ok(t.to_device(like.device())?.to_dtype(like.dtype())?) };
     let (cos2, sin2) = (cos.clone(), sin.clone());
-    let targets2 = targets.clone();
+    let (targets2, targets3, targets4) = (targets.clone(), targets.clone(), targets.clone());
+    // The distillation teacher: a constant of the op (no gradient), rows longer than a block.
+    let teacher = randn(&[24, 3000], 12, 2.0)?;
+    let teacher2 = teacher.clone();
     let f32_of = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?) };
     let cases: Vec<(&str, Vec<Tensor>, OpFn)> = vec![
         // The fused kernels, as the model calls them (f32 residual in, compute dtype out for the norm).
@@ -123,6 +126,11 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             Box::new(move |x| Ok(fused::cross_entropy::cross_entropy(&x[0], &targets2)?.0)),
         ),
         (
+            "fused distill kl (T 2)",
+            vec![randn(&[24, 3000], 11, 2.0)?],
+            Box::new(move |x| Ok(fused::distill::kl(&x[0], &on(&teacher, &x[0])?, &targets3, 2.0)?)),
+        ),
+        (
             "rms_norm",
             vec![randn(&[2, 12, 64], 1, 1.0)?, randn(&[64], 2, 1.0)?],
             Box::new(|x| Ok(ops::rms_norm(&x[0], &x[1], 1e-5)?)),
@@ -155,6 +163,11 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             "cross_entropy",
             vec![randn(&[24, 64], 10, 2.0)?],
             Box::new(move |x| Ok(ops::cross_entropy(&x[0], &targets)?.0)),
+        ),
+        (
+            "distill_kl (T 2)",
+            vec![randn(&[24, 3000], 11, 2.0)?],
+            Box::new(move |x| Ok(ops::distill_kl(&x[0], &on(&teacher2, &x[0])?, &targets4, 2.0)?)),
         ),
     ];
     for (name, inputs, f) in &cases {

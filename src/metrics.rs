@@ -57,6 +57,9 @@ impl Metrics {
         self.write(&v)?;
         self.bar.set_position(r.step as u64);
         let mut msg = format!("loss {:.4} lr {:.2e} {:.0} tok/s", r.loss, r.lr, tokens_per_s);
+        if let Some(kl) = r.distill_kl {
+            msg += &format!(" kl {kl:.4}");
+        }
         if let Some(l) = r.lambda {
             msg += &format!(" λ {l:.3}");
         }

@@ -314,6 +314,56 @@ fn fused_swiglu_matches_finite_differences_and_reference() {
     assert!(max_diff(&fused::swiglu::swiglu(&g, &u).unwrap(), &ops::swiglu(&g, &u).unwrap()) < 1e-12);
 }
 
+/// f64 recomputation of one row's T²·KL(softmax(t/T) ‖ softmax(s/T)).
+fn kl_row(s: &[f64], t: &[f64], temperature: f64) -> f64 {
+    let log_softmax = |x: &[f64]| -> Vec<f64> {
+        let scaled: Vec<f64> = x.iter().map(|v| v / temperature).collect();
+        let m = scaled.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = m + scaled.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        scaled.iter().map(|v| v - lse).collect()
+    };
+    let (ls, lt) = (log_softmax(s), log_softmax(t));
+    temperature * temperature * lt.iter().zip(&ls).map(|(t, s)| t.exp() * (t - s)).sum::<f64>()
+}
+
+#[test]
+fn distillation_kl_matches_finite_differences_an_f64_recomputation_and_ignores_minus_100() {
+    let student = randn(&[5, 9], 51, 2.0);
+    let teacher = randn(&[5, 9], 52, 2.0);
+    let targets = [3i64, -100, 0, 8, -100];
+    for temperature in [1.0, 2.5] {
+        check("distill_kl", &student, 45, |s| {
+            ops::distill_kl(s, &teacher, &targets, temperature).unwrap()
+        });
+        check("fused distill kl", &student, 45, |s| {
+            fused::distill::kl(s, &teacher, &targets, temperature).unwrap()
+        });
+        let (s, t) = (to_vec_f64(&student), to_vec_f64(&teacher));
+        let expect = [0usize, 2, 3]
+            .iter()
+            .map(|&r| kl_row(&s[r * 9..(r + 1) * 9], &t[r * 9..(r + 1) * 9], temperature))
+            .sum::<f64>()
+            / 3.0;
+        for got in [
+            ops::distill_kl(&student, &teacher, &targets, temperature).unwrap(),
+            fused::distill::kl(&student, &teacher, &targets, temperature).unwrap(),
+        ] {
+            let got = got.to_scalar::<f64>().unwrap();
+            assert!((got - expect).abs() < 1e-12, "T {temperature}: {got} vs f64 {expect}");
+        }
+    }
+    // The teacher is a constant: no gradient reaches it, and a student equal to it has KL 0, gradient 0.
+    let t_var = Var::from_tensor(&teacher).unwrap();
+    let s_var = Var::from_tensor(&teacher).unwrap();
+    let loss = fused::distill::kl(s_var.as_tensor(), t_var.as_tensor(), &targets, 1.0).unwrap();
+    assert!(loss.to_scalar::<f64>().unwrap().abs() < 1e-14);
+    let g = loss.backward().unwrap();
+    assert!(g.get(t_var.as_tensor()).is_none(), "the teacher got a gradient");
+    assert!(to_vec_f64(g.get(s_var.as_tensor()).unwrap())
+        .iter()
+        .all(|x| x.abs() < 1e-15));
+}
+
 #[test]
 fn fused_cross_entropy_matches_finite_differences_and_reference() {
     let logits = randn(&[5, 9], 18, 2.0);

@@ -6,8 +6,10 @@
 #
 # usage: scripts/experiments/w432.sh BIN SMOLLM2.gguf ALPACA.json OUT
 # env:   STEPS (50) MB (4) GB (16) VAL (100 records) JOBS (6 runs at once on one GPU) GRIDS METHODS
-#        (METHOD[+ramp][+lsM][@C], e.g. prox-prox-q+ls0.3@2000: learned scales at 0.3 × lr, pull c = 2000;
-#        +ramp: the pull gain γ ramps up from 0 with the hit rate, so the first steps are STE-like)
+#        (METHOD[+ramp][+kdA][+lsM][@C], e.g. prox-prox-q+ls0.3@2000: learned scales at 0.3 × lr, pull
+#        c = 2000; +ramp: the pull gain γ ramps up from 0 with the hit rate, so the first steps are
+#        STE-like; +kdA: distillation from the fp fine-tune (the run named fp), weight A (1.0 when not
+#        given), temperature KD_T (1.0) — the fp run then goes first, alone)
 #        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
 #        EVAL_EVERY (0: final only; N: a validation curve, and summarize.py adds a best-checkpoint table)
 # Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table.
@@ -39,6 +41,7 @@ method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; 
   local c="" m=${1%@*}
   [[ $1 == *@* ]] && c=${1#*@}
   m=${m/+ramp/}
+  [[ $m =~ \+kd[0-9.]* ]] && m=${m/${BASH_REMATCH[0]}/}
   if [[ $m == *+ls* ]]; then # at M × the weights' lr (M from SCALE_LR_MULT, 1.0, when not given)
     local mult=${m#*+ls}
     printf 'scale_lr_mult = %s\n' "${mult:-${SCALE_LR_MULT:-1.0}}"
@@ -57,6 +60,10 @@ method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; 
 gamma_toml() { # +ramp: the pull gain γ starts at 0 and rises by 0.1·(0.95 − hit rate EMA) every 10 steps
   [[ $1 == *+ramp* ]] || return 0
   printf '[quant.gamma]\nenable = true\nstart = 0\ninit = 0.0\ntarget = 0.95\nlr = 0.1\nevery = 10\nema = 0.7\nmax = 3.0\n'
+}
+distill_toml() { # +kdA: the fp fine-tune is the teacher, at weight A
+  [[ $1 =~ \+kd([0-9.]*) ]] || return 0
+  printf '[distill]\nteacher = "%s"\nweight = %s\ntemperature = %s\n' "$out/runs/fp" "${BASH_REMATCH[1]:-1.0}" "${KD_T:-1.0}"
 }
 write_cfg() { # NAME GRID METHOD
   cat > "$out/cfg/$1.toml" <<TOML
@@ -91,6 +98,7 @@ $(grid_toml "$2")
 # The loss budget: near the fine-tune's loss, so λ stays near 1 (the seed's 2.9 is nanoGPT's).
 beta = ${BETA:-1.5}
 $(gamma_toml "$3")
+$(distill_toml "$3")
 TOML
 }
 
@@ -117,6 +125,10 @@ for g in $grids; do
   write_cfg "$g-rtn" "$g" fp   # the grid `ptq` rounds the fp run to
   for m in $methods; do write_cfg "$g-$m" "$g" "$m"; names+=("$g-$m"); done
 done
+if [[ " ${names[*]}" == *+kd* ]]; then
+  run_one fp # the teacher of the +kd runs
+  [ -s "$out/rows/fp.json" ] || { echo "the fp run (the teacher) failed"; exit 1; }
+fi
 (echo fp; printf '%s\n' "${names[@]}") | xargs -P "$jobs" -I{} bash -c 'run_one {}'
 for g in $grids; do
   [ -s "$out/rows/$g-rtn.json" ] && continue

@@ -13,6 +13,7 @@
 pub mod adamw;
 pub mod block;
 pub mod cross_entropy;
+pub mod distill;
 pub mod embedding;
 pub mod grid;
 pub mod linear;

@@ -259,15 +259,41 @@ impl Llama {
         ids: &Tensor,
         labels: &[i64],
     ) -> Result<(Tensor, usize)> {
+        let (logits, targets) = self.next_token_logits_into(w, grads_into, ids, labels)?;
+        self.cross_entropy(&logits, &targets)
+    }
+
+    /// The logits `(B·(T−1), V)` of every position but the last and the targets they are scored
+    /// against: position t predicts `labels[t + 1]` (row-major `(B, T)`, −100 = ignored).
+    pub fn next_token_logits_into(
+        &self,
+        w: &BTreeMap<String, Tensor>,
+        grads_into: &BTreeMap<String, Tensor>,
+        ids: &Tensor,
+        labels: &[i64],
+    ) -> Result<(Tensor, Vec<i64>)> {
         let (b, t) = ids.dims2()?;
         let hidden = self.hidden_into(w, grads_into, ids)?.narrow(1, 0, t - 1)?;
         let targets: Vec<i64> = (0..b)
             .flat_map(|r| labels[r * t + 1..(r + 1) * t].iter().copied())
             .collect();
         let logits = self.project(w, grads_into, &hidden.reshape((b * (t - 1), self.cfg.hidden_size))?)?;
+        Ok((logits, targets))
+    }
+
+    /// Token-mean cross-entropy of `(N, V)` logits against `targets`, and the number counted.
+    pub fn cross_entropy(&self, logits: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)> {
         Ok(match self.kernels {
-            Kernels::Fused => fused::cross_entropy::cross_entropy(&logits, &targets)?,
-            Kernels::Reference => ops::cross_entropy(&logits, &targets)?,
+            Kernels::Fused => fused::cross_entropy::cross_entropy(logits, targets)?,
+            Kernels::Reference => ops::cross_entropy(logits, targets)?,
+        })
+    }
+
+    /// Token mean over the counted `targets` of `T²·KL(teacher ‖ student)` at temperature T.
+    pub fn distill_kl(&self, student: &Tensor, teacher: &Tensor, targets: &[i64], temperature: f64) -> Result<Tensor> {
+        Ok(match self.kernels {
+            Kernels::Fused => fused::distill::kl(student, teacher, targets, temperature)?,
+            Kernels::Reference => ops::distill_kl(student, teacher, targets, temperature)?,
         })
     }
 

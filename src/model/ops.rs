@@ -121,6 +121,25 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Re
     probs.matmul(v)?.reshape((b, h, t, d))
 }
 
+/// Token mean over the counted targets (−100 = ignore) of `T²·KL(softmax(teacher/T) ‖ softmax(student/T))`
+/// for `(N, V)` logits; the teacher is detached. 0 when nothing is counted.
+pub fn distill_kl(student: &Tensor, teacher: &Tensor, targets: &[i64], temperature: f64) -> Result<Tensor> {
+    let dtype = stat_dtype(student.dtype());
+    let log_softmax = |x: &Tensor| -> Result<Tensor> {
+        let x = x.to_dtype(dtype)?.affine(1.0 / temperature, 0.0)?;
+        let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
+        shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+    };
+    let (log_ps, log_pt) = (log_softmax(student)?, log_softmax(&teacher.detach())?);
+    let rows = (log_pt.exp()? * (&log_pt - log_ps)?)?.sum(D::Minus1)?;
+    let keep: Vec<f64> = targets.iter().map(|&t| if t >= 0 { 1.0 } else { 0.0 }).collect();
+    let counted = keep.iter().sum::<f64>().max(1.0);
+    let keep = Tensor::from_vec(keep, targets.len(), student.device())?.to_dtype(dtype)?;
+    (rows * keep)?
+        .sum_all()?
+        .affine(temperature * temperature / counted, 0.0)
+}
+
 /// SwiGLU: `silu(gate) * up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up

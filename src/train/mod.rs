@@ -2,6 +2,7 @@
 //! and save.
 
 pub mod checkpoint;
+pub mod distill;
 pub mod optim;
 pub mod schedule;
 pub mod step;
@@ -93,6 +94,8 @@ pub struct Trainer {
     pub compute_dtype: DType,
     pub opt: AdamW,
     pub quant: Option<QuantRun>,
+    /// The frozen float model of `[distill]`.
+    pub teacher: Option<distill::Teacher>,
     pub stream: TrainStream,
     pub val: Vec<Batch>,
     pub val_all: Vec<Batch>,
@@ -247,6 +250,16 @@ impl Trainer {
                 })
             }
         };
+        let teacher = match &cfg.distill {
+            Some(d) => Some(distill::Teacher::load(
+                d,
+                &loaded.cfg,
+                compute,
+                cfg.train.kernels,
+                &device,
+            )?),
+            None => None,
+        };
         if let (Some(c), Some(s)) = (ckpt, &state) {
             opt.t = s.adam_t;
             // Moments of the weights and of learned scales (`scale.NAME`) alike.
@@ -269,6 +282,7 @@ impl Trainer {
             compute_dtype: compute,
             opt,
             quant,
+            teacher,
             stream,
             val: val_subset,
             val_all,

@@ -22,6 +22,8 @@ pub struct StepReport {
     /// Mean task loss over the step's micro-batches (at the weights the forward used).
     pub loss: f64,
     pub grad_norm: f64,
+    /// Mean distillation term `T²·KL(teacher ‖ student)` over the micro-batches (`[distill]` only).
+    pub distill_kl: Option<f64>,
     pub lr: f64,
     pub tokens: usize,
     pub skipped: bool,
@@ -116,6 +118,7 @@ impl Trainer {
         let (weights, grads_into) = self.step_weights(&accumulators)?;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = Tensor::zeros((), DType::F32, &self.model.device)?;
+        let mut kl_sum = Tensor::zeros((), DType::F32, &self.model.device)?;
         let mut tokens = 0;
         // In a data-parallel step the projections' accumulators are summed over ranks as soon as the
         // last micro-batch's backward completes each one (`dist::overlap`); the rest after it.
@@ -132,12 +135,23 @@ impl Trainer {
             self.stream.skip((world - 1 - rank) * t.micro_batch);
             tokens += batch.rows * batch.cols;
             let ids = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), &self.model.device)?;
-            let (loss, _) = self.model.loss_into(&weights, &grads_into, &ids, &batch.labels)?;
+            // The data loss (reported, and what λ is controlled on) and the objective backward runs on.
+            let (loss, objective) = match &self.teacher {
+                None => {
+                    let (loss, _) = self.model.loss_into(&weights, &grads_into, &ids, &batch.labels)?;
+                    (loss.clone(), loss)
+                }
+                Some(teacher) => {
+                    let terms = teacher.losses(&self.model, &weights, &grads_into, &ids, &batch.labels)?;
+                    kl_sum = (kl_sum + terms.kl.detach().to_dtype(DType::F32)?)?;
+                    (terms.cross_entropy, terms.objective)
+                }
+            };
             self.mark("forward")?;
             let last = micro + 1 == accum_per_device;
             let tracker = (last && world > 1)
                 .then(|| overlap::begin(self.rank.collective.clone(), &early, overlap::BUCKET_BYTES));
-            let step_grads = (&loss / accum as f64)?.backward()?;
+            let step_grads = (&objective / accum as f64)?.backward()?;
             if let Some(tracker) = tracker {
                 summed_early = tracker.end()?;
             }
@@ -168,7 +182,7 @@ impl Trainer {
         }
         // Sum the gradients, the loss and the token count over ranks (f32; a no-op on one device):
         // from here on every rank holds the same values and makes the same update.
-        let totals = Tensor::stack(&[loss_sum, Tensor::new(tokens as f32, &self.model.device)?], 0)?;
+        let totals = Tensor::stack(&[loss_sum, Tensor::new(tokens as f32, &self.model.device)?, kl_sum], 0)?;
         if self.profile.is_some() && world > 1 {
             // Profiling only: meet the slowest rank first, so that "all-reduce" times the transfer.
             let probe = Tensor::zeros(1, DType::F32, &self.model.device)?;
@@ -195,6 +209,7 @@ impl Trainer {
                 (totals.get(0)? / accum as f64)?.reshape(1)?,
                 norm.reshape(1)?,
                 totals.get(1)?.reshape(1)?,
+                (totals.get(2)? / accum as f64)?.reshape(1)?,
             ],
             0,
         )?
@@ -205,6 +220,7 @@ impl Trainer {
             step: k + 1,
             loss,
             grad_norm,
+            distill_kl: self.teacher.is_some().then_some(host[3] as f64),
             lr,
             tokens,
             ..Default::default()
