@@ -17,6 +17,8 @@ grids = list(dict.fromkeys(r["grid"] for r in rows))
 fmt = lambda x, f: "—" if x is None else f.format(x)
 lines = [
     f"fp fine-tune: val loss {fp['val_fp']:.4f}, held-out text ppl {fp_text:.3f}, {fp['steps']} steps, {fp['wall_s']:.0f} s",
+    *[f"distillation teacher (KD_TEACHER_STEPS): fp fine-tune of {t['steps']} steps, val loss {t['val_fp']:.4f}"
+      for t in rows if t["name"] == "teacher"],
     "",
     "| grid | method | val loss fp weights | val loss hardened | ×fp | RTN gap recovered | text ppl hardened | hit rate | sat rate | wall s |",
     "|---|---|---|---|---|---|---|---|---|---|",

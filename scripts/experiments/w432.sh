@@ -9,7 +9,10 @@
 #        (METHOD[+ramp][+kdA][+lsM][@C], e.g. prox-prox-q+ls0.3@2000: learned scales at 0.3 × lr, pull
 #        c = 2000; +ramp: the pull gain γ ramps up from 0 with the hit rate, so the first steps are
 #        STE-like; +kdA: distillation from the fp fine-tune (the run named fp), weight A (1.0 when not
-#        given), temperature KD_T (1.0) — the fp run then goes first, alone)
+#        given), temperature KD_T (1.0) — the fp run then goes first, alone; with KD_TEACHER_STEPS=N the
+#        teacher is a separate fp fine-tune of N steps instead (a 300-step fp run overfits the demo data);
+#        +warm: the run starts from the teacher's weights instead of the pretrained model's (two stages:
+#        its steps come on top of the teacher's))
 #        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
 #        EVAL_EVERY (0: final only; N: a validation curve, and summarize.py adds a best-checkpoint table)
 # Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table.
@@ -42,6 +45,7 @@ method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; 
   [[ $1 == *@* ]] && c=${1#*@}
   m=${m/+ramp/}
   [[ $m =~ \+kd[0-9.]* ]] && m=${m/${BASH_REMATCH[0]}/}
+  m=${m/+warm/}
   if [[ $m == *+ls* ]]; then # at M × the weights' lr (M from SCALE_LR_MULT, 1.0, when not given)
     local mult=${m#*+ls}
     printf 'scale_lr_mult = %s\n' "${mult:-${SCALE_LR_MULT:-1.0}}"
@@ -63,12 +67,14 @@ gamma_toml() { # +ramp: the pull gain γ starts at 0 and rises by 0.1·(0.95 −
 }
 distill_toml() { # +kdA: the fp fine-tune is the teacher, at weight A
   [[ $1 =~ \+kd([0-9.]*) ]] || return 0
-  printf '[distill]\nteacher = "%s"\nweight = %s\ntemperature = %s\n' "$out/runs/fp" "${BASH_REMATCH[1]:-1.0}" "${KD_T:-1.0}"
+  printf '[distill]\nteacher = "%s"\nweight = %s\ntemperature = %s\n' "$out/runs/$teacher" "${BASH_REMATCH[1]:-1.0}" "${KD_T:-1.0}"
 }
-write_cfg() { # NAME GRID METHOD
+write_cfg() { # NAME GRID METHOD [STEPS]
+  local model=$gguf
+  [[ $3 == *+warm* ]] && model=$out/runs/$teacher
   cat > "$out/cfg/$1.toml" <<TOML
 [model]
-path = "$gguf"
+path = "$model"
 [data]
 path = "$out/train.json"
 val_records = $val
@@ -77,7 +83,7 @@ max_seq_length = 256
 out_dir = "$out/runs/$1"
 micro_batch = $mb
 global_batch = $gb
-max_steps = $steps
+max_steps = ${4:-$steps}
 lr = 5e-5
 min_lr = 5e-6
 warmup_steps = 5
@@ -120,14 +126,16 @@ run_one() {
 export -f run_one; export bin out here
 
 names=()
+teacher=fp
 write_cfg fp "$fp_grid" fp
+if [ -n "${KD_TEACHER_STEPS:-}" ]; then teacher=teacher; write_cfg teacher "$fp_grid" fp "$KD_TEACHER_STEPS"; fi
 for g in $grids; do
   write_cfg "$g-rtn" "$g" fp   # the grid `ptq` rounds the fp run to
   for m in $methods; do write_cfg "$g-$m" "$g" "$m"; names+=("$g-$m"); done
 done
-if [[ " ${names[*]}" == *+kd* ]]; then
-  run_one fp # the teacher of the +kd runs
-  [ -s "$out/rows/fp.json" ] || { echo "the fp run (the teacher) failed"; exit 1; }
+if [[ " ${names[*]}" == *+kd* || " ${names[*]}" == *+warm* ]]; then
+  run_one $teacher # the teacher of the +kd runs, the start of the +warm runs
+  [ -s "$out/rows/$teacher.json" ] || { echo "the $teacher run (the teacher) failed"; exit 1; }
 fi
 (echo fp; printf '%s\n' "${names[@]}") | xargs -P "$jobs" -I{} bash -c 'run_one {}'
 for g in $grids; do

@@ -150,7 +150,8 @@ impl Trainer {
                 tensors: c.model.tensors.clone(),
                 tokenizer: c.model.tokenizer.clone(),
             },
-            None => crate::model::io::load_model(&cfg.model.path)?,
+            // A run directory stands for its latest checkpoint.
+            None => crate::model::io::load_model(&checkpoint::resolve(&cfg.model.path)?)?,
         };
         let records = data::alpaca::load_records(&cfg.data.path)?;
         Self::from_parts(cfg, loaded, records, ckpt.as_ref(), rank)
