@@ -14,6 +14,7 @@
 #        +warm: the run starts from the teacher's weights instead of the pretrained model's (two stages:
 #        its steps come on top of the teacher's))
 #        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
+#        LR (5e-5: the QAT runs' peak learning rate, min LR/10; the fp runs keep 5e-5)
 #        EVAL_EVERY (0: final only; N: a validation curve, and summarize.py adds a best-checkpoint table)
 # Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table.
 set -euo pipefail
@@ -70,7 +71,8 @@ distill_toml() { # +kdA: the fp fine-tune is the teacher, at weight A
   printf '[distill]\nteacher = "%s"\nweight = %s\ntemperature = %s\n' "$out/runs/$teacher" "${BASH_REMATCH[1]:-1.0}" "${KD_T:-1.0}"
 }
 write_cfg() { # NAME GRID METHOD [STEPS]
-  local model=$gguf
+  local model=$gguf lr=5e-5
+  [[ $1 == *-* ]] && lr=${LR:-5e-5} # QAT rows (GRID-METHOD); the fp runs keep 5e-5
   [[ $3 == *+warm* ]] && model=$out/runs/$teacher
   cat > "$out/cfg/$1.toml" <<TOML
 [model]
@@ -84,8 +86,8 @@ out_dir = "$out/runs/$1"
 micro_batch = $mb
 global_batch = $gb
 max_steps = ${4:-$steps}
-lr = 5e-5
-min_lr = 5e-6
+lr = $lr
+min_lr = $(python3 -c "print($lr / 10)")
 warmup_steps = 5
 log_every = 5
 seed = 1337
