@@ -133,6 +133,57 @@ fn std_rule_scale_matches_f64_recomputation() {
     }
 }
 
+/// The `mse` rule against an f64 brute force over the same clip ratios: the same scale per group, never
+/// a larger rounding error than absmax, and strictly smaller where a group has an outlier.
+#[test]
+fn mse_rule_scale_matches_an_f64_search_and_beats_absmax_on_outliers() {
+    let mut v = to_vec_f64(&common::randn(&[4, 64], 23, 0.02));
+    for (r, i) in [(0usize, 5usize), (2, 40)] {
+        v[r * 64 + i] = 0.2; // one outlier of 10 std in groups (0, 0) and (2, 1)
+    }
+    let w = Tensor::from_vec(v.clone(), (4, 64), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let v: Vec<f64> = to_vec_f64(&w);
+    let cfg = |rule| GridConfig {
+        rule,
+        group_size: 32,
+        ..uniform(4, ScaleKind::Group, None)
+    };
+    let mse = f32s(TensorGrid::new(&cfg(ScaleRule::Mse), &w).unwrap().scale().unwrap());
+    let absmax = f32s(TensorGrid::new(&cfg(ScaleRule::Absmax), &w).unwrap().scale().unwrap());
+    let error = |group: &[f64], s: f64| -> f64 {
+        group
+            .iter()
+            .map(|x| {
+                let r = (x / s).round_ties_even().clamp(-7.0, 7.0);
+                (x - r * s).powi(2)
+            })
+            .sum()
+    };
+    for (g, group) in v.chunks(32).enumerate() {
+        let max = group.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let mut want = (f64::INFINITY, 0.0);
+        for alpha in proxqat::quant::grid::MSE_CLIP_RATIOS {
+            let s = half::f16::from_f64(alpha * max / 7.0).to_f64();
+            let e = error(group, s);
+            if e < want.0 {
+                want = (e, s);
+            }
+        }
+        assert_eq!(mse[g] as f64, want.1, "group {g}: scale");
+        let (e_mse, e_absmax) = (error(group, mse[g] as f64), error(group, absmax[g] as f64));
+        assert!(e_mse <= e_absmax, "group {g}: mse error {e_mse} > absmax {e_absmax}");
+        if g == 0 || g == 5 {
+            assert!(
+                e_mse < 0.95 * e_absmax,
+                "group {g} (outlier): {e_mse} vs absmax {e_absmax}"
+            );
+        }
+    }
+}
+
 #[test]
 fn invalid_grids_are_refused_with_the_field_named() {
     let err = |c: GridConfig| format!("{:#}", c.validate().expect_err("must be refused"));

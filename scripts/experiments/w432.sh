@@ -14,6 +14,7 @@
 #        +warm: the run starts from the teacher's weights instead of the pretrained model's (two stages:
 #        its steps come on top of the teacher's))
 #        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
+#        GRID_RULE (absmax: how every grid's scales start, RTN's included; mse: least rounding error)
 #        LR (5e-5: the QAT runs' peak learning rate, min LR/10; the fp runs keep 5e-5)
 #        EVAL_EVERY (0: final only; N: a validation curve, and summarize.py adds a best-checkpoint table)
 # Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table.
@@ -40,6 +41,7 @@ grid_toml() { # w4g32 → bits 4, per group of 32; w3ch → bits 3, per channel
   local bits=${1:1:1} kind=${1:2}
   if [ "$kind" = ch ]; then printf 'bits = %s\nscale = "channel"\n' "$bits"
   else printf 'bits = %s\nscale = "group"\ngroup_size = 32\n' "$bits"; fi
+  printf 'rule = "%s"\n' "${GRID_RULE:-absmax}"
 }
 method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; +ls learns the grid's scales
   local c="" m=${1%@*}
