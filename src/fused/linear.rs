@@ -123,21 +123,44 @@ mod cuda {
         })
     }
 
-    /// `out += a · b` (row-major `a: (m, n)`, `b: (n, k)`, `out: (m, k)`, all bf16 or all f32) as one
-    /// cuBLAS GEMM with β = 1 and f32 accumulation, on the device's stream.
+    /// `out += a · b` (row-major `a: (m, n)`, `b: (n, k)`, `out: (m, k)`, all bf16 or all f32).
     pub fn gemm_into(out: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
-        let op = "sum of products";
-        let (m, n) = a.dims2()?;
+        if out.dtype() != a.dtype() {
+            candle_core::bail!("sum of products: the sum is in the factors' dtype");
+        }
+        gemm_add("sum of products", out, a, b, false)
+    }
+
+    /// `acc += aᵀ · b` into an f32 accumulator (`a: (m, n)`, `b: (m, k)`, `acc: (n, k)`).
+    pub fn gemm_accumulate(acc: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+        if acc.dtype() != DType::F32 {
+            candle_core::bail!("fused linear: CUDA accumulators are f32");
+        }
+        gemm_add("fused linear", acc, a, b, true)
+    }
+
+    /// `out += a · b`, or `out += aᵀ · b` with `transpose_a`, for contiguous row-major tensors, as one
+    /// cuBLAS GEMM with β = 1 and f32 accumulation on the device's stream (`out` in its own dtype).
+    fn gemm_add(op: &str, out: &Tensor, a: &Tensor, b: &Tensor, transpose_a: bool) -> Result<()> {
+        let (a_rows, a_cols) = a.dims2()?;
+        let (rows, inner) = if transpose_a {
+            (a_cols, a_rows)
+        } else {
+            (a_rows, a_cols)
+        };
         let k = b.dim(1)?;
-        if out.dims() != [m, k] || b.dim(0)? != n || a.dtype() != b.dtype() || out.dtype() != a.dtype() {
+        if out.dims() != [rows, k] || b.dim(0)? != inner || a.dtype() != b.dtype() {
             candle_core::bail!(
-                "{op}: shapes {:?} · {:?} into {:?} (one dtype)",
+                "{op}: {:?} {:?}{} · {:?} {:?} into {:?}",
                 a.dims(),
+                a.dtype(),
+                if transpose_a { "ᵀ" } else { "" },
                 b.dims(),
+                b.dtype(),
                 out.dims()
             );
         }
-        let dtype = data_type(a.dtype())?;
+        let (input, output) = (data_type(a.dtype())?, data_type(out.dtype())?);
         let (out_ptr, a_ptr, b_ptr) = (
             super::super::cuda::tensor_ptr(out, op)?,
             super::super::cuda::tensor_ptr(a, op)?,
@@ -145,81 +168,40 @@ mod cuda {
         );
         let blas = out.device().as_cuda_device()?.cublas_handle();
         let (alpha, beta) = (1f32, 1f32);
-        let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {v} exceeds i32")));
-        // Column-major view: outᵀ (k × m, ld k) += bᵀ (k × n, ld k) · aᵀ (n × m, ld n).
-        // SAFETY: the three pointers address live contiguous tensors of the stated shapes; the handle
-        // runs on the device's one stream, which orders the GEMM after their producers.
-        unsafe {
-            result::gemm_ex(
-                *blas.handle(),
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                int(k)?,
-                int(m)?,
-                int(n)?,
-                (&alpha as *const f32).cast(),
-                b_ptr as *const std::ffi::c_void,
-                dtype,
-                int(k)?,
-                a_ptr as *const std::ffi::c_void,
-                dtype,
-                int(n)?,
-                (&beta as *const f32).cast(),
-                out_ptr as *mut std::ffi::c_void,
-                dtype,
-                int(k)?,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| candle_core::Error::Msg(format!("{op}: cublasGemmEx: {e:?}")))
-    }
-
-    /// `acc += aᵀ · b` as one cuBLAS GEMM with β = 1 and f32 accumulation, on the device's stream.
-    pub fn gemm_accumulate(acc: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
-        let op = "fused linear";
-        let (m, n) = a.dims2()?;
-        let k = b.dim(1)?;
-        if acc.dtype() != DType::F32 || a.dtype() != b.dtype() {
-            candle_core::bail!("{op}: CUDA accumulators are f32 and both factors share one dtype");
-        }
-        let input = data_type(a.dtype())?;
-        let (acc_ptr, a_ptr, b_ptr) = (
-            super::super::cuda::tensor_ptr(acc, op)?,
-            super::super::cuda::tensor_ptr(a, op)?,
-            super::super::cuda::tensor_ptr(b, op)?,
-        );
-        let blas = acc.device().as_cuda_device()?.cublas_handle();
-        let (alpha, beta) = (1f32, 1f32);
         // f32 inputs use TF32 tensor cores when candle's f32 matmuls do (`train.tf32`).
         let compute = if a.dtype() == DType::F32 && candle_core::cuda_backend::gemm_reduced_precision_f32() {
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
         } else {
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
         };
+        let transpose = if transpose_a {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        };
         let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {v} exceeds i32")));
-        // Column-major view: acc is (k × n) with ld k, b is (k × m) with ld k, a is (n × m) with ld n,
-        // and acc += b · aᵀ.
+        // Column-major view: outᵀ (k × rows, ld k) += bᵀ (k × inner, ld k) · op(a as stored: a_cols × a_rows,
+        // ld a_cols), op transposing it when `a` is read as aᵀ.
         // SAFETY: the three pointers address live contiguous tensors of the stated shapes; the handle
         // runs on the device's one stream, which orders the GEMM after their producers.
         unsafe {
             result::gemm_ex(
                 *blas.handle(),
                 sys::cublasOperation_t::CUBLAS_OP_N,
-                sys::cublasOperation_t::CUBLAS_OP_T,
+                transpose,
                 int(k)?,
-                int(n)?,
-                int(m)?,
+                int(rows)?,
+                int(inner)?,
                 (&alpha as *const f32).cast(),
                 b_ptr as *const std::ffi::c_void,
                 input,
                 int(k)?,
                 a_ptr as *const std::ffi::c_void,
                 input,
-                int(n)?,
+                int(a_cols)?,
                 (&beta as *const f32).cast(),
-                acc_ptr as *mut std::ffi::c_void,
-                sys::cudaDataType::CUDA_R_32F,
+                out_ptr as *mut std::ffi::c_void,
+                output,
                 int(k)?,
                 compute,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
