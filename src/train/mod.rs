@@ -251,16 +251,9 @@ impl Trainer {
                 })
             }
         };
-        let teacher = match &cfg.distill {
-            Some(d) => Some(distill::Teacher::load(
-                d,
-                &loaded.cfg,
-                compute,
-                cfg.train.kernels,
-                &device,
-            )?),
-            None => None,
-        };
+        let teacher = (cfg.distill.as_ref())
+            .map(|d| distill::Teacher::load(d, &loaded.cfg, compute, cfg.train.kernels, &device))
+            .transpose()?;
         if let (Some(c), Some(s)) = (ckpt, &state) {
             opt.t = s.adam_t;
             // Moments of the weights and of learned scales (`scale.NAME`) alike.
