@@ -2,25 +2,16 @@
 //! `(N, V)` logits, loss and log-sum-exp in one read, the gradient in one read and one write.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{cpu_storage, host_f64};
+use super::{cpu_storage, host_f64, host_targets, target_indices, IGNORED};
 use crate::model::ops::stat_dtype;
-
-/// The target index that means "not counted" (HF's −100).
-const IGNORED: u32 = u32::MAX;
 
 /// Token-mean cross-entropy of `logits: (N, V)` against `targets` (−100 = ignored): the loss (0-d, f32
 /// or f64) and the number of counted targets; the loss is 0 when nothing is counted.
 pub fn cross_entropy(logits: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)> {
-    let counted = targets.iter().filter(|&&t| t >= 0).count();
-    let index: Vec<u32> = targets
-        .iter()
-        .map(|&t| if t >= 0 { t as u32 } else { IGNORED })
-        .collect();
-    let op = CrossEntropy {
-        targets: Tensor::from_vec(index, targets.len(), logits.device())?,
-    };
+    let (index, counted) = target_indices(targets, logits.device())?;
+    let op = CrossEntropy { targets: index };
     let nll_lse = logits.contiguous()?.apply_op1(op)?;
     let loss = nll_lse
         .narrow(1, 0, 1)?
@@ -37,10 +28,6 @@ struct CrossEntropy {
 /// `(logits, forward result, its gradient)` → grad of the logits, in the logits' dtype.
 struct CrossEntropyBwd {
     targets: Tensor,
-}
-
-fn host_targets(t: &Tensor) -> Result<Vec<u32>> {
-    t.to_device(&Device::Cpu)?.to_vec1::<u32>()
 }
 
 fn log_sum_exp(row: &[f64]) -> f64 {

@@ -4,13 +4,10 @@
 //! `(N, V)` block, no softmax kept).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{cpu_storage, host_f64};
+use super::{cpu_storage, host_f64, host_targets, target_indices, IGNORED};
 use crate::model::ops::stat_dtype;
-
-/// The target index that means "not counted" (HF's −100).
-const IGNORED: u32 = u32::MAX;
 
 /// Token mean over the counted targets of `T²·KL(softmax(teacher/T) ‖ softmax(student/T))`, both
 /// `(N, V)` in one dtype; the teacher gets no gradient. 0 when nothing is counted.
@@ -24,13 +21,9 @@ pub fn kl(student: &Tensor, teacher: &Tensor, targets: &[i64], temperature: f64)
             teacher.dtype()
         );
     }
-    let counted = targets.iter().filter(|&&t| t >= 0).count();
-    let index: Vec<u32> = targets
-        .iter()
-        .map(|&t| if t >= 0 { t as u32 } else { IGNORED })
-        .collect();
+    let (index, counted) = target_indices(targets, student.device())?;
     let op = Distill {
-        targets: Tensor::from_vec(index, targets.len(), student.device())?,
+        targets: index,
         inv_temp: 1.0 / temperature,
     };
     let rows = student.contiguous()?.apply_op2(&teacher.detach().contiguous()?, op)?;
@@ -51,10 +44,6 @@ struct Distill {
 struct DistillBwd {
     targets: Tensor,
     inv_temp: f64,
-}
-
-fn host_targets(t: &Tensor) -> Result<Vec<u32>> {
-    t.to_device(&Device::Cpu)?.to_vec1::<u32>()
 }
 
 fn log_sum_exp(row: impl Iterator<Item = f64> + Clone) -> f64 {

@@ -151,6 +151,24 @@ fn contiguous_range(layout: &Layout, op: &str) -> Result<(usize, usize)> {
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))
 }
 
+/// The target index that means "not counted" (HF's −100) in the loss ops' index tensors.
+pub(crate) const IGNORED: u32 = u32::MAX;
+
+/// Next-token targets (−100 = not counted) as the loss kernels read them, and how many are counted.
+pub(crate) fn target_indices(targets: &[i64], device: &candle_core::Device) -> Result<(Tensor, usize)> {
+    let counted = targets.iter().filter(|&&t| t >= 0).count();
+    let index: Vec<u32> = targets
+        .iter()
+        .map(|&t| if t >= 0 { t as u32 } else { IGNORED })
+        .collect();
+    Ok((Tensor::from_vec(index, targets.len(), device)?, counted))
+}
+
+/// A target index tensor back on the host (the CPU paths).
+pub(crate) fn host_targets(t: &Tensor) -> Result<Vec<u32>> {
+    t.to_device(&candle_core::Device::Cpu)?.to_vec1::<u32>()
+}
+
 /// The elements of a contiguous CPU tensor as f64.
 pub(crate) fn host_f64(storage: &CpuStorage, layout: &Layout, op: &str) -> Result<Vec<f64>> {
     let (start, end) = contiguous_range(layout, op)?;
