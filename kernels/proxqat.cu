@@ -428,3 +428,303 @@ extern "C" __global__ void grid_counts_f32(const float *x, const float *scale, u
 
 ROW_OPS(f32, float)
 ROW_OPS(bf16, __nv_bfloat16)
+
+// ---------------------------------------------------------------------------------------------------
+// Causal GQA attention in tiles (flash-attention style), bf16 storage, head_dim 64, tensor cores through
+// WMMA 16×16×16 with f32 accumulation. The (T, T) scores and probabilities live only in shared memory.
+// Every tensor is addressed as base + b·sb + head·sh + t·st (+ d), so the kernels read q, k, v and the
+// output gradient and write o, dq, dk, dv in the layouts the decoder block already has (no transposes).
+// Query head h reads KV head h / g. Shared tiles are padded (rows of 72 bf16, 68 / 36 f32) so the WMMA
+// loads and the lanes' row walks do not collide in the banks; in the softmax each lane owns columns of
+// the tile and walks its rows (warp-shuffle reductions per row).
+// Forward: one block per (64 query rows, head, batch), four warps of 16 rows; online softmax (running max
+// and sum in f32, rescaled output rows in registers); writes o and the rows' log-sum-exp.
+// Backward (FA2 order): delta = rowsum(o·do) first; then one block per (64 key rows, query head, batch)
+// walks the 32-row query tiles that see those keys, recomputing P = exp(scale·q·kᵀ − lse): dv += Pᵀ·do,
+// dk += dSᵀ·q in the block's accumulators (added to f32 buffers at the end: the g query heads of a KV
+// head share them), dq += dS·k by atomic adds into f32. dS = P·(dP − delta)·scale with P in bf16.
+#include <mma.h>
+
+namespace flash {
+using namespace nvcuda;
+typedef __nv_bfloat16 bf16;
+constexpr int D = 64;   // head_dim
+constexpr int LD = 72;  // padded row of a bf16 (rows, D) tile
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> FragA;
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> FragAt;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> FragB;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> FragBt;
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> FragC;
+
+// `rows` rows of D bf16 from `src` (row r at src + (t0 + r)·st) into a (rows, LD) tile; zeros past t.
+__device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *src, long long st, int t0, int rows, int t) {
+  for (int i = threadIdx.x; i < rows * (D / 8); i += blockDim.x) {
+    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (t0 + r < t) v = *reinterpret_cast<const uint4 *>(src + (t0 + r) * st + c);
+    *reinterpret_cast<uint4 *>(dst + r * LD + c) = v;
+  }
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+// A warp's 16 × 16 f32 block (staged row-major in `stage`, ld 16) added to dst rows (row0 + i)·st + col0.
+__device__ __forceinline__ void add_block(float *dst, long long st, int row0, int col0, int t, const float *stage) {
+  const int lane = threadIdx.x & 31;
+  for (int e = lane; e < 256; e += 32)
+    if (row0 + e / 16 < t) atomicAdd(dst + (row0 + e / 16) * st + col0 + e % 16, stage[e]);
+}
+}  // namespace flash
+
+extern "C" __global__ void __launch_bounds__(128)
+    flash_fwd_bf16(const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, __nv_bfloat16 *o,
+                   float *lse, int t, int h, int g, float scale, long long qsb, long long qsh, long long qst,
+                   long long ksb, long long ksh, long long kst, long long vsb, long long vsh, long long vst,
+                   long long osb, long long osh, long long ost) {
+  using namespace flash;
+  constexpr int LS = 68;  // padded row of a warp's f32 (16, 64) scores
+  __shared__ __align__(32) bf16 sk[64 * LD], sv[64 * LD];  // sv first holds the query tile
+  __shared__ __align__(32) float ss[4][16 * LS];
+  __shared__ __align__(32) bf16 sp[4][16 * LD];
+  const int q0 = blockIdx.x * 64, head = blockIdx.y, b = blockIdx.z, kvh = head / g;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row0 = q0 + warp * 16;  // the warp's first query position; each lane owns columns lane, lane + 32
+  const bf16 *kb = k + b * ksb + kvh * ksh, *vb = v + b * vsb + kvh * vsh;
+  load_tile(sv, q + b * qsb + head * qsh, qst, q0, 64, t);
+  __syncthreads();
+  FragA aq[D / 16];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(aq[kk], sv + warp * 16 * LD + kk * 16, LD);
+  float m[16], l[16], acc[16][2];
+#pragma unroll
+  for (int r = 0; r < 16; ++r) m[r] = -INFINITY, l[r] = 0.f, acc[r][0] = acc[r][1] = 0.f;
+  float *sw = ss[warp];
+  bf16 *pw = sp[warp];
+  for (int j0 = 0; j0 <= q0 + 63 && j0 < t; j0 += 64) {
+    __syncthreads();  // every warp is done with the previous K and V tiles (and with q)
+    load_tile(sk, kb, kst, j0, 64, t);
+    load_tile(sv, vb, vst, j0, 64, t);
+    __syncthreads();
+    if (j0 > row0 + 15) continue;  // every key of this tile is after the warp's rows
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {  // S (16 × 64) = q rows · kᵀ
+      FragC c;
+      wmma::fill_fragment(c, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        FragBt bk;
+        wmma::load_matrix_sync(bk, sk + n * 16 * LD + kk * 16, LD);
+        wmma::mma_sync(c, aq[kk], bk, c);
+      }
+      wmma::store_matrix_sync(sw + n * 16, c, LS, wmma::mem_row_major);
+    }
+    __syncwarp();
+    const int c0 = j0 + lane, c1 = j0 + lane + 32;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int row = row0 + r;
+      const float s0 = (c0 <= row && c0 < t) ? sw[r * LS + lane] * scale : -INFINITY;
+      const float s1 = (c1 <= row && c1 < t) ? sw[r * LS + lane + 32] * scale : -INFINITY;
+      const float m_new = fmaxf(m[r], warp_max(fmaxf(s0, s1)));  // finite: key 0 is seen by every row
+      const float alpha = __expf(m[r] - m_new), p0 = __expf(s0 - m_new), p1 = __expf(s1 - m_new);
+      l[r] = l[r] * alpha + warp_sum(p0 + p1);
+      m[r] = m_new;
+      acc[r][0] *= alpha;
+      acc[r][1] *= alpha;
+      pw[r * LD + lane] = __float2bfloat16_rn(p0);
+      pw[r * LD + lane + 32] = __float2bfloat16_rn(p1);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {  // P (16 × 64) · v (64 × D), into the (now free) score rows
+      FragC c;
+      wmma::fill_fragment(c, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        FragA ap;
+        FragB bv;
+        wmma::load_matrix_sync(ap, pw + kk * 16, LD);
+        wmma::load_matrix_sync(bv, sv + kk * 16 * LD + n * 16, LD);
+        wmma::mma_sync(c, ap, bv, c);
+      }
+      wmma::store_matrix_sync(sw + n * 16, c, LS, wmma::mem_row_major);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      acc[r][0] += sw[r * LS + lane];
+      acc[r][1] += sw[r * LS + lane + 32];
+    }
+    __syncwarp();
+  }
+#pragma unroll
+  for (int r = 0; r < 16; ++r) {
+    const int row = row0 + r;
+    if (row >= t) break;
+    bf16 *orow = o + b * osb + head * osh + row * ost;
+    orow[lane] = __float2bfloat16_rn(acc[r][0] / l[r]);
+    orow[lane + 32] = __float2bfloat16_rn(acc[r][1] / l[r]);
+    if (lane == 0) lse[((long long)b * h + head) * t + row] = m[r] + __logf(l[r]);
+  }
+}
+
+// delta[b, head, t] = Σ_d o·do, one warp per row (rows ordered b, head, t).
+extern "C" __global__ void flash_delta_bf16(const __nv_bfloat16 *o, const __nv_bfloat16 *d_o, float *delta,
+                                            int rows, int t, int h, long long osb, long long osh, long long ost,
+                                            long long dsb, long long dsh, long long dst) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const int pos = row % t, head = (row / t) % h, b = row / (t * h);
+  const __nv_bfloat16 *orow = o + b * osb + head * osh + pos * ost, *drow = d_o + b * dsb + head * dsh + pos * dst;
+  float s = 0.f;
+  for (int c = lane; c < flash::D; c += 32) s += to_f(orow[c]) * to_f(drow[c]);
+  s = flash::warp_sum(s);
+  if (lane == 0) delta[row] = s;
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    flash_bwd_bf16(const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v,
+                   const __nv_bfloat16 *d_o, const float *lse, const float *delta, float *dq, float *dk, float *dv,
+                   int t, int h, int g, float scale, long long qsb, long long qsh, long long qst, long long ksb,
+                   long long ksh, long long kst, long long vsb, long long vsh, long long vst, long long dosb,
+                   long long dosh, long long dost, long long dqsb, long long dqsh, long long dqst,
+                   long long dksb, long long dksh, long long dkst, long long dvsb, long long dvsh,
+                   long long dvst) {
+  using namespace flash;
+  constexpr int LS = 36, LP = 40;  // padded rows: a warp's f32 (16, 32) block, bf16 (·, 32) tiles
+  __shared__ __align__(32) bf16 sk[64 * LD], sv[64 * LD], sq[32 * LD], sdo[32 * LD];
+  __shared__ __align__(32) float ss[4][16 * LS];
+  __shared__ __align__(32) bf16 sp[4][16 * LP];
+  __shared__ __align__(32) bf16 sds[64 * LP];  // dSᵀ: key rows × query columns
+  const int j0 = blockIdx.x * 64, head = blockIdx.y, b = blockIdx.z, kvh = head / g;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int key0 = j0 + warp * 16;  // the warp's first key; each lane owns query column lane of a tile
+  load_tile(sk, k + b * ksb + kvh * ksh, kst, j0, 64, t);
+  load_tile(sv, v + b * vsb + kvh * vsh, vst, j0, 64, t);
+  __syncthreads();
+  FragA ak[D / 16], av[D / 16];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    wmma::load_matrix_sync(ak[kk], sk + warp * 16 * LD + kk * 16, LD);
+    wmma::load_matrix_sync(av[kk], sv + warp * 16 * LD + kk * 16, LD);
+  }
+  FragC dkacc[D / 16], dvacc[D / 16];
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) {
+    wmma::fill_fragment(dkacc[n], 0.f);
+    wmma::fill_fragment(dvacc[n], 0.f);
+  }
+  float *sw = ss[warp];
+  bf16 *pw = sp[warp];
+  const bf16 *qb = q + b * qsb + head * qsh, *dob = d_o + b * dosb + head * dosh;
+  const float *lse_b = lse + ((long long)b * h + head) * t, *delta_b = delta + ((long long)b * h + head) * t;
+  float *dqb = dq + b * dqsb + head * dqsh;
+  for (int q0 = j0; q0 < t; q0 += 32) {  // the query tiles that see these keys (position ≥ key)
+    __syncthreads();  // the previous tile's readers of sq, sdo and sds are done
+    load_tile(sq, qb, qst, q0, 32, t);
+    load_tile(sdo, dob, dost, q0, 32, t);
+    __syncthreads();
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {  // Sᵀ (16 keys × 32 queries) = k rows · qᵀ
+      FragC c;
+      wmma::fill_fragment(c, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        FragBt bq;
+        wmma::load_matrix_sync(bq, sq + n * 16 * LD + kk * 16, LD);
+        wmma::mma_sync(c, ak[kk], bq, c);
+      }
+      wmma::store_matrix_sync(sw + n * 16, c, LS, wmma::mem_row_major);
+    }
+    __syncwarp();
+    const int qi = q0 + lane;
+    const float lse_i = qi < t ? lse_b[qi] : 0.f, delta_i = qi < t ? delta_b[qi] : 0.f;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const bool seen = key0 + r <= qi && qi < t;
+      pw[r * LP + lane] = __float2bfloat16_rn(seen ? __expf(sw[r * LS + lane] * scale - lse_i) : 0.f);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n)  // dv += Pᵀ (16 × 32) · do (32 × D)
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        FragA ap;
+        FragB bdo;
+        wmma::load_matrix_sync(ap, pw + kk * 16, LP);
+        wmma::load_matrix_sync(bdo, sdo + kk * 16 * LD + n * 16, LD);
+        wmma::mma_sync(dvacc[n], ap, bdo, dvacc[n]);
+      }
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {  // dPᵀ (16 × 32) = v rows · doᵀ
+      FragC c;
+      wmma::fill_fragment(c, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        FragBt bdo;
+        wmma::load_matrix_sync(bdo, sdo + n * 16 * LD + kk * 16, LD);
+        wmma::mma_sync(c, av[kk], bdo, c);
+      }
+      wmma::store_matrix_sync(sw + n * 16, c, LS, wmma::mem_row_major);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const float p = __bfloat162float(pw[r * LP + lane]);
+      sds[(warp * 16 + r) * LP + lane] = __float2bfloat16_rn(p == 0.f ? 0.f : p * (sw[r * LS + lane] - delta_i) * scale);
+    }
+    __syncthreads();  // all of dSᵀ is written
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n)  // dk += dSᵀ (16 × 32) · q (32 × D)
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        FragA ads;
+        FragB bq;
+        wmma::load_matrix_sync(ads, sds + warp * 16 * LP + kk * 16, LP);
+        wmma::load_matrix_sync(bq, sq + kk * 16 * LD + n * 16, LD);
+        wmma::mma_sync(dkacc[n], ads, bq, dkacc[n]);
+      }
+    // dq (32 × D) += dS (32 × 64 keys) · k (64 × D): warp w owns query rows (w / 2)·16 … +16 and columns
+    // (w % 2)·32 … +32, two 16 × 16 blocks.
+#pragma unroll
+    for (int nn = 0; nn < 2; ++nn) {
+      const int n = (warp & 1) * 2 + nn;
+      FragC c;
+      wmma::fill_fragment(c, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        FragAt ads;
+        FragB bk;
+        wmma::load_matrix_sync(ads, sds + kk * 16 * LP + (warp >> 1) * 16, LP);
+        wmma::load_matrix_sync(bk, sk + kk * 16 * LD + n * 16, LD);
+        wmma::mma_sync(c, ads, bk, c);
+      }
+      wmma::store_matrix_sync(sw, c, 16, wmma::mem_row_major);
+      __syncwarp();
+      add_block(dqb, dqst, q0 + (warp >> 1) * 16, n * 16, t, sw);
+      __syncwarp();
+    }
+  }
+  // This head's share of dk and dv (the g heads of a KV head add into the same f32 rows).
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) {
+    wmma::store_matrix_sync(sw, dkacc[n], 16, wmma::mem_row_major);
+    __syncwarp();
+    add_block(dk + b * dksb + kvh * dksh, dkst, key0, n * 16, t, sw);
+    __syncwarp();
+    wmma::store_matrix_sync(sw, dvacc[n], 16, wmma::mem_row_major);
+    __syncwarp();
+    add_block(dv + b * dvsb + kvh * dvsh, dvst, key0, n * 16, t, sw);
+    __syncwarp();
+  }
+}

@@ -222,72 +222,17 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         err,
         tol: 1e-5,
     });
-    // A tiny Llama: loss and every parameter's gradient.
-    let params_cpu = Params::random(&cfg, 21, DType::F32, &Device::Cpu)?;
-    let ids: Vec<u32> = (0..2 * 12).map(|i| (i * 13 % 64) as u32).collect();
-    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    // `accumulating`: the projections as the training step passes them (compute copies that add their
-    // gradients into accumulators), so the fused path runs each block as one node (`fused::block`).
-    let run = |device: &Device,
-               dtype: DType,
-               kernels: Kernels,
-               accumulating: bool|
-     -> Result<(Tensor, BTreeMap<String, Tensor>)> {
-        let tensors = params_cpu
-            .to_tensors()
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.to_device(device)?)))
-            .collect::<Result<_>>()?;
-        let params = Params::from_tensors(&cfg, tensors, DType::F32)?;
-        let model = Llama::new(cfg.clone(), dtype, device).with_kernels(kernels);
-        let acc: BTreeMap<String, Tensor> = if accumulating {
-            params
-                .gradient_accumulators()?
-                .into_iter()
-                .filter(|(n, _)| n.starts_with("model.layers."))
-                .collect()
-        } else {
-            BTreeMap::new()
-        };
-        let w = params.compute_weights(dtype, |n, x| match acc.get(n) {
-            Some(a) => Ok(fused::weight::compute_copy_accumulating(x, None, dtype, a)?),
-            None => Ok(x.clone()),
-        })?;
-        let input = Tensor::from_vec(ids.clone(), (2, 12), device)?;
-        let (loss, _) = model.loss_into(&w, &acc, &input, &labels)?;
-        let grads = loss.backward()?;
-        let g = params
-            .vars
-            .iter()
-            .map(|(n, v)| {
-                let g = acc.get(n).or(grads.get(v.as_tensor())).context("missing grad")?;
-                Ok((n.clone(), g.clone()))
-            })
-            .collect::<Result<_>>()?;
-        Ok((loss, g))
+    // A tiny Llama: loss and every parameter's gradient; then one with head_dim 64 over more than one
+    // 64-position tile, where the bf16 blocks run the tiled attention kernels (`fused::flash`).
+    tiny_llama_rows(&cfg, 12, "", cuda, &mut rows)?;
+    let cfg64 = LlamaConfig {
+        hidden_size: 128,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 64,
+        ..cfg.clone()
     };
-    // Reference on the CPU; both kernel sets on CUDA, and the fused blocks of the training step.
-    let (ref_loss, ref_grads) = run(&Device::Cpu, DType::F32, Kernels::Reference, false)?;
-    for (kernels, accumulating) in [
-        (Kernels::Fused, false),
-        (Kernels::Reference, false),
-        (Kernels::Fused, true),
-    ] {
-        for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
-            let (loss, grads) = run(cuda, dtype, kernels, accumulating)?;
-            let mut err = rel_err(&loss, &ref_loss)?;
-            for (n, g) in &grads {
-                err = err.max(rel_err(g, &ref_grads[n])?);
-            }
-            let what = if accumulating { " (block nodes)" } else { "" };
-            rows.push(Row {
-                name: format!("tiny llama {kernels:?}{what} loss+grads"),
-                dtype,
-                err,
-                tol,
-            });
-        }
-    }
+    tiny_llama_rows(&cfg64, 80, " d64", cuda, &mut rows)?;
     // The fused AdamW (CUDA, in place) against the reference AdamW (CPU), with a clipping factor: steps
     // 0-1 plain, 2 dist-grad (uniform grid), 3 prox (uniform grid), 4 prox (level grid). Then the fused Σx².
     fn how<'a>(k: u64, grid: &'a TensorGrid, levels: &'a TensorGrid, pull: &'a Tensor) -> Update<'a> {
@@ -429,6 +374,35 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             tol: if dtype == DType::F32 { 1e-5 } else { 2e-2 },
         });
     }
+    // The tiled attention (bf16, head_dim 64) against its f64 CPU twin on the same bf16 inputs: o, the
+    // log-sum-exps, dq, dk, dv — GQA over partial 64-position tiles (T 200), and one whole tile.
+    for (b, h, kv, t) in [(2, 8, 2, 200), (1, 4, 4, 64)] {
+        let bf = |shape: &[usize], seed| -> Result<Tensor> { Ok(randn(shape, seed, 1.0)?.to_dtype(DType::BF16)?) };
+        let d = fused::flash::HEAD_DIM;
+        let inputs = [
+            bf(&[b, h, t, d], 60)?,
+            bf(&[b, kv, t, d], 61)?,
+            bf(&[b, t, kv, d], 62)?,
+            bf(&[b, t, h, d], 63)?,
+        ];
+        let run = |device: &Device| -> Result<Vec<Tensor>> {
+            let [q, k, v, d_o] = inputs.each_ref().map(|x| x.to_device(device));
+            let (q, k, v, d_o) = (q?, k?, v?, d_o?);
+            let (o, lse) = fused::flash::forward(&q, &k, &v)?;
+            let (dq, dk, dv) = fused::flash::backward(&q, &k, &v, &o, &lse, &d_o)?;
+            Ok(vec![o, lse, dq, dk, dv])
+        };
+        let mut err = 0f64;
+        for (got, want) in run(cuda)?.iter().zip(&run(&Device::Cpu)?) {
+            err = err.max(rel_err(got, want)?);
+        }
+        rows.push(Row {
+            name: format!("flash attention T {t} H {h}/{kv}"),
+            dtype: DType::BF16,
+            err,
+            tol: 2e-2,
+        });
+    }
     let parts = [randn(&[1000, 77], 40, 1.0)?, randn(&[3], 41, 1.0)?];
     let on_cuda = parts
         .iter()
@@ -462,6 +436,77 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         );
     }
     Ok(ok)
+}
+
+/// A tiny Llama on CUDA against the CPU reference (f32): loss and every parameter's gradient, through
+/// both kernel sets and through the fused blocks of the training step.
+fn tiny_llama_rows(cfg: &LlamaConfig, seq: usize, label: &str, cuda: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    let params_cpu = Params::random(cfg, 21, DType::F32, &Device::Cpu)?;
+    let ids: Vec<u32> = (0..2 * seq).map(|i| (i * 13 % 64) as u32).collect();
+    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    // `accumulating`: the projections as the training step passes them (compute copies that add their
+    // gradients into accumulators), so the fused path runs each block as one node (`fused::block`).
+    let run = |device: &Device,
+               dtype: DType,
+               kernels: Kernels,
+               accumulating: bool|
+     -> Result<(Tensor, BTreeMap<String, Tensor>)> {
+        let tensors = params_cpu
+            .to_tensors()
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        let params = Params::from_tensors(cfg, tensors, DType::F32)?;
+        let model = Llama::new(cfg.clone(), dtype, device).with_kernels(kernels);
+        let acc: BTreeMap<String, Tensor> = if accumulating {
+            params
+                .gradient_accumulators()?
+                .into_iter()
+                .filter(|(n, _)| n.starts_with("model.layers."))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let w = params.compute_weights(dtype, |n, x| match acc.get(n) {
+            Some(a) => Ok(fused::weight::compute_copy_accumulating(x, None, dtype, a)?),
+            None => Ok(x.clone()),
+        })?;
+        let input = Tensor::from_vec(ids.clone(), (2, seq), device)?;
+        let (loss, _) = model.loss_into(&w, &acc, &input, &labels)?;
+        let grads = loss.backward()?;
+        let g = params
+            .vars
+            .iter()
+            .map(|(n, v)| {
+                let g = acc.get(n).or(grads.get(v.as_tensor())).context("missing grad")?;
+                Ok((n.clone(), g.clone()))
+            })
+            .collect::<Result<_>>()?;
+        Ok((loss, g))
+    };
+    // Reference on the CPU; both kernel sets on CUDA, and the fused blocks of the training step.
+    let (ref_loss, ref_grads) = run(&Device::Cpu, DType::F32, Kernels::Reference, false)?;
+    for (kernels, accumulating) in [
+        (Kernels::Fused, false),
+        (Kernels::Reference, false),
+        (Kernels::Fused, true),
+    ] {
+        for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+            let (loss, grads) = run(cuda, dtype, kernels, accumulating)?;
+            let mut err = rel_err(&loss, &ref_loss)?;
+            for (n, g) in &grads {
+                err = err.max(rel_err(g, &ref_grads[n])?);
+            }
+            let what = if accumulating { " (block nodes)" } else { "" };
+            rows.push(Row {
+                name: format!("tiny llama{label} {kernels:?}{what} loss+grads"),
+                dtype,
+                err,
+                tol,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A random Llama of a named shape as an HF checkpoint directory (tokenizer copied from `tokenizer`).

@@ -301,6 +301,68 @@ fn fused_attention_matches_finite_differences_and_reference() {
     }
 }
 
+/// Central differences of a scalar function of one input, at `probes` random entries, against `analytic`.
+fn check_entries(name: &str, x0: &Tensor, analytic: &Tensor, probes: usize, f: impl Fn(&Tensor) -> f64) {
+    let (base, analytic) = (to_vec_f64(x0), to_vec_f64(analytic));
+    let mut rng = proxqat::rng::Rng::new(5);
+    for _ in 0..probes {
+        let i = rng.below(base.len());
+        let at = |delta: f64| {
+            let mut v = base.clone();
+            v[i] += delta;
+            f(&Tensor::from_vec(v, x0.shape(), &Device::Cpu).unwrap())
+        };
+        let numeric = (at(1e-5) - at(-1e-5)) / 2e-5;
+        let err = (numeric - analytic[i]).abs() / (1e-6 + numeric.abs().max(analytic[i].abs()));
+        assert!(
+            err < 1e-5,
+            "{name}: entry {i}: finite difference {numeric} vs {}",
+            analytic[i]
+        );
+    }
+    assert!(
+        analytic.iter().any(|g| *g != 0.0),
+        "{name}: gradient is identically zero"
+    );
+}
+
+#[test]
+fn flash_attention_matches_the_reference_its_log_sum_exp_and_finite_differences() {
+    // GQA (4 query heads on 2 KV heads), v and o in the (B, T, heads, D) layout the block keeps.
+    let (b, h, kv, t, d) = (2, 4, 2, 7, 6);
+    let q = randn(&[b, h, t, d], 21, 1.0);
+    let k = randn(&[b, kv, t, d], 22, 1.0);
+    let v = randn(&[b, t, kv, d], 23, 1.0);
+    let (o, lse) = fused::flash::forward(&q, &k, &v).unwrap();
+    let mask = ops::causal_mask(t, DType::F64, &Device::Cpu).unwrap();
+    let v_heads = v.transpose(1, 2).unwrap().contiguous().unwrap();
+    let expect = ops::causal_attention(&q, &k, &v_heads, &mask).unwrap();
+    assert!(max_diff(&o, &expect.transpose(1, 2).unwrap().contiguous().unwrap()) < 1e-12);
+    // lse = log Σ_{j ≤ i} exp(q_i · k_j / √d), recomputed entry by entry.
+    let (qv, kv_, lv) = (to_vec_f64(&q), to_vec_f64(&k), to_vec_f64(&lse));
+    for (row, &l) in lv.iter().enumerate() {
+        let (bi, hi, i) = (row / (h * t), row / t % h, row % t);
+        let qi = &qv[((bi * h + hi) * t + i) * d..][..d];
+        let z: f64 = (0..=i)
+            .map(|j| {
+                let kj = &kv_[((bi * kv + hi / 2) * t + j) * d..][..d];
+                (qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()).exp()
+            })
+            .sum();
+        assert!((l - z.ln()).abs() < 1e-12, "lse row {row}: {l} vs {}", z.ln());
+    }
+    // The backward against central differences of Σ probe·o.
+    let probe_o = randn(&[b, t, h, d], 24, 1.0);
+    let (dq, dk, dv) = fused::flash::backward(&q, &k, &v, &o, &lse, &probe_o).unwrap();
+    let loss = |q: &Tensor, k: &Tensor, v: &Tensor| {
+        let (o, _) = fused::flash::forward(q, k, v).unwrap();
+        (o * &probe_o).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    check_entries("flash dq", &q, &dq, 60, |q| loss(q, &k, &v));
+    check_entries("flash dk", &k, &dk, 60, |k| loss(&q, k, &v));
+    check_entries("flash dv", &v, &dv, 60, |v| loss(&q, &k, v));
+}
+
 #[test]
 fn fused_swiglu_matches_finite_differences_and_reference() {
     let g = randn(&[2, 6], 15, 1.5);

@@ -18,8 +18,8 @@ use super::linear::{add_product_into, sum_of_products};
 use super::mlp::{mlp_backward, mlp_forward};
 use super::rms_norm::{rms_norm, rms_norm_backward};
 use super::rope::{rope, rope_backward};
-use super::softmax::{attend, attention_backward, attention_scale, per_kv_head};
-use super::{node3, Backward3};
+use super::softmax::{attend, attention_scale, per_kv_head};
+use super::{flash, node3, softmax, Backward3};
 use crate::dist::overlap;
 
 /// The block's shapes and constants.
@@ -61,8 +61,9 @@ pub fn decoder_block(
 }
 
 /// The forward's tensors the backward reads: the block input, the normed inputs of the projections
-/// (`a`, `m`), q/k/v per KV head after RoPE, the attention output rows `o`, the residual after the
-/// attention `x1`, and the MLP's `gate` and `up`.
+/// (`a`, `m`), q and k after RoPE `(B, heads, T, D)`, v `(B, T, KV, D)`, the attention output rows `o`
+/// and (tiled kernels) their log-sum-exps, the residual after the attention `x1`, and the MLP's `gate`
+/// and `up`.
 struct Saved {
     x: Tensor,
     a: Tensor,
@@ -70,6 +71,7 @@ struct Saved {
     k: Tensor,
     v: Tensor,
     o: Tensor,
+    lse: Option<Tensor>,
     x1: Tensor,
     m: Tensor,
     gate: Tensor,
@@ -86,13 +88,8 @@ fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &Blo
     let project = |w: &Tensor, heads: usize| a.matmul(&w.t()?)?.reshape((b, t, heads * hd));
     let q = rope(&project(wq, h)?, &spec.cos, &spec.sin, h)?;
     let k = rope(&project(wk, kv)?, &spec.cos, &spec.sin, kv)?;
-    let v = project(wv, kv)?.reshape((b, t, kv, hd))?.transpose(1, 2)?;
-    let [q, k, v] = per_kv_head(&q, &k, &v)?;
-    let o = attend(&q, &k, &v, attention_scale(hd))?
-        .reshape((b, h, t, hd))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, h * hd))?;
+    let v = project(wv, kv)?.reshape((b, t, kv, hd))?;
+    let (o, lse) = attention(&q, &k, &v)?;
     let x1 = (&x + o.matmul(&wo.t()?)?.to_dtype(x.dtype())?.reshape((b, t, d))?)?;
     let m = rms_norm(&x1, g_post, spec.eps, spec.compute)?.reshape((rows, d))?;
     let (z, gate, up) = mlp_forward(&m, [w_gate, w_up, w_down])?;
@@ -104,6 +101,7 @@ fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &Blo
         k,
         v,
         o,
+        lse,
         x1,
         m,
         gate,
@@ -158,20 +156,10 @@ impl Backward3 for DecoderBlock {
         let dy = dx1.reshape((rows, d))?.to_dtype(spec.compute)?;
         add_product_into(ao, &dy, &s.o)?;
         overlap::accumulated(ao)?;
-        let d_o = dy
-            .matmul(wo)?
-            .reshape((b, t, h, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape(s.q.shape())?;
-        let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &d_o, attention_scale(hd))?;
-        let dq = rope_backward(&dq.reshape((b, h, t, hd))?, &spec.cos, &spec.sin)?.reshape((rows, h * hd))?;
-        let dk = rope_backward(&dk.reshape((b, kv, t, hd))?, &spec.cos, &spec.sin)?.reshape((rows, kv * hd))?;
-        let dv = dv
-            .reshape((b, kv, t, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((rows, kv * hd))?;
+        let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &dy.matmul(wo)?)?;
+        let dq = rope_backward(&dq, &spec.cos, &spec.sin)?.reshape((rows, h * hd))?;
+        let dk = rope_backward(&dk, &spec.cos, &spec.sin)?.reshape((rows, kv * hd))?;
+        let dv = dv.reshape((rows, kv * hd))?;
         for (acc, g) in [(aq, &dq), (ak, &dk), (av, &dv)] {
             add_product_into(acc, g, &s.a)?;
             overlap::accumulated(acc)?;
@@ -180,4 +168,47 @@ impl Backward3 for DecoderBlock {
         let (dx_norm, dg_in) = rms_norm_backward(&s.x, &g_in.detach(), &da.reshape((b, t, d))?, spec.eps)?;
         Ok([Some((dx1 + dx_norm)?), Some(dg_in), Some(dg_post)])
     }
+}
+
+/// The block's attention on `q: (B, H, T, D)`, `k: (B, KV, T, D)`, `v: (B, T, KV, D)`: the output rows
+/// `(B·T, H·D)` and, from the tiled kernels where they run, the rows' log-sum-exps; elsewhere the
+/// composed scores → softmax → P·V on per-KV-head batch entries (the transposes copied).
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let (b, h, t, hd) = q.dims4()?;
+    if flash::supported(q) {
+        let (o, lse) = flash::forward(q, k, v)?;
+        return Ok((o.reshape((b * t, h * hd))?, Some(lse)));
+    }
+    let [q3, k3, v3] = per_kv_head(q, k, &v.transpose(1, 2)?)?;
+    let o = attend(&q3, &k3, &v3, attention_scale(hd))?
+        .reshape((b, h, t, hd))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    Ok((o.reshape((b * t, h * hd))?, None))
+}
+
+/// `(dq, dk, dv)` in the layouts of q, k and v from the output rows' gradient `d_o: (B·T, H·D)`.
+fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: Option<&Tensor>,
+    d_o: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, h, t, hd) = q.dims4()?;
+    let kv = k.dim(1)?;
+    if let Some(lse) = lse {
+        let rows = |x: &Tensor| x.reshape((b, t, h, hd));
+        return flash::backward(q, k, v, &rows(o)?, lse, &rows(d_o)?);
+    }
+    let [q3, k3, v3] = per_kv_head(q, k, &v.transpose(1, 2)?)?;
+    let d_o = d_o
+        .reshape((b, t, h, hd))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(q3.shape())?;
+    let (dq, dk, dv) = softmax::attention_backward(&q3, &k3, &v3, &d_o, attention_scale(hd))?;
+    let dv = dv.reshape((b, kv, t, hd))?.transpose(1, 2)?.contiguous()?;
+    Ok((dq.reshape((b, h, t, hd))?, dk.reshape((b, kv, t, hd))?, dv))
 }

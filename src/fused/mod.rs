@@ -15,6 +15,7 @@ pub mod block;
 pub mod cross_entropy;
 pub mod distill;
 pub mod embedding;
+pub mod flash;
 pub mod grid;
 pub mod linear;
 pub mod mlp;
