@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::fused::{self, Kernels};
+use crate::model::llama::EMBEDDING;
 use crate::model::{io, ops, Llama, LlamaConfig, Params};
 use crate::quant::grid::{GridConfig, TensorGrid};
 use crate::train::optim::{AdamW, Update};
@@ -444,8 +445,10 @@ fn tiny_llama_rows(cfg: &LlamaConfig, seq: usize, label: &str, cuda: &Device, ro
     let params_cpu = Params::random(cfg, 21, DType::F32, &Device::Cpu)?;
     let ids: Vec<u32> = (0..2 * seq).map(|i| (i * 13 % 64) as u32).collect();
     let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    // `accumulating`: the projections as the training step passes them (compute copies that add their
-    // gradients into accumulators), so the fused path runs each block as one node (`fused::block`).
+    // `accumulating`: the weights as the training step passes them (projections and the head as compute
+    // copies that add their gradients into accumulators, the f32 embedding table looked up into its
+    // own), so the fused path runs each block as one node (`fused::block`) and the head with the loss
+    // as another (`fused::cross_entropy::head_cross_entropy`).
     let run = |device: &Device,
                dtype: DType,
                kernels: Kernels,
@@ -459,17 +462,13 @@ fn tiny_llama_rows(cfg: &LlamaConfig, seq: usize, label: &str, cuda: &Device, ro
         let params = Params::from_tensors(cfg, tensors, DType::F32)?;
         let model = Llama::new(cfg.clone(), dtype, device).with_kernels(kernels);
         let acc: BTreeMap<String, Tensor> = if accumulating {
-            params
-                .gradient_accumulators()?
-                .into_iter()
-                .filter(|(n, _)| n.starts_with("model.layers."))
-                .collect()
+            params.gradient_accumulators()?
         } else {
             BTreeMap::new()
         };
         let w = params.compute_weights(dtype, |n, x| match acc.get(n) {
-            Some(a) => Ok(fused::weight::compute_copy_accumulating(x, None, dtype, a)?),
-            None => Ok(x.clone()),
+            Some(a) if n != EMBEDDING => Ok(fused::weight::compute_copy_accumulating(x, None, dtype, a)?),
+            _ => Ok(x.clone()),
         })?;
         let input = Tensor::from_vec(ids.clone(), (2, seq), device)?;
         let (loss, _) = model.loss_into(&w, &acc, &input, &labels)?;

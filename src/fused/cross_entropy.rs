@@ -4,7 +4,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{cpu_storage, host_f64, host_targets, target_indices, IGNORED};
+use super::linear::add_product_into;
+use super::{cpu_storage, host_f64, host_targets, target_indices, Precomputed, IGNORED};
 use crate::model::ops::stat_dtype;
 
 /// Token-mean cross-entropy of `logits: (N, V)` against `targets` (−100 = ignored): the loss (0-d, f32
@@ -13,11 +14,76 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)
     let (index, counted) = target_indices(targets, logits.device())?;
     let op = CrossEntropy { targets: index };
     let nll_lse = logits.contiguous()?.apply_op1(op)?;
-    let loss = nll_lse
+    Ok((token_mean(&nll_lse, counted)?, counted))
+}
+
+/// The LM head and [`cross_entropy`] as one autograd node: `logits = hidden · wᵀ` (`hidden: (N, d)`,
+/// `w: (V, d)`, one dtype), then the token-mean loss. Its backward writes the logits' gradient once
+/// (the fused kernel), adds `gradᵀ · hidden` into the head's accumulator `acc` and returns
+/// `grad · w`: the `(N, V)` gradient never enters autograd, where each node's input gradient is added
+/// to a zero-filled buffer (two `(N, V)` fills and adds per micro-batch through a separate head and
+/// loss: 1.3 ms of a 30 ms micro-step at Llama-3.2-1B shape, micro-batch 4).
+pub fn head_cross_entropy(hidden: &Tensor, w: &Tensor, acc: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)> {
+    let (index, counted) = target_indices(targets, hidden.device())?;
+    let w = w.detach();
+    let logits = hidden.detach().matmul(&w.t()?)?;
+    let stats = logits.apply_op1_no_bwd(&CrossEntropy { targets: index.clone() })?;
+    let stats = if hidden.track_op() {
+        let node = HeadLoss {
+            out: Precomputed::new(stats, "fused head + cross-entropy"),
+            logits,
+            w,
+            acc: acc.clone(),
+            targets: index,
+        };
+        hidden.contiguous()?.apply_op1(node)?
+    } else {
+        stats
+    };
+    Ok((token_mean(&stats, counted)?, counted))
+}
+
+/// The loss from the rows' `[nll, lse]`: Σ nll / counted (0 when nothing is counted).
+fn token_mean(stats: &Tensor, counted: usize) -> Result<Tensor> {
+    stats
         .narrow(1, 0, 1)?
         .sum_all()?
-        .affine(1.0 / counted.max(1) as f64, 0.0)?;
-    Ok((loss, counted))
+        .affine(1.0 / counted.max(1) as f64, 0.0)
+}
+
+struct HeadLoss {
+    out: Precomputed,
+    logits: Tensor,
+    w: Tensor,
+    acc: Tensor,
+    targets: Tensor,
+}
+
+impl CustomOp1 for HeadLoss {
+    fn name(&self) -> &'static str {
+        "fused-head-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.take_cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.take_cuda()
+    }
+
+    fn bwd(&self, hidden: &Tensor, stats: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = CrossEntropyBwd {
+            targets: self.targets.clone(),
+        };
+        let d_logits = self
+            .logits
+            .apply_op3_no_bwd(&stats.detach(), &grad.detach().contiguous()?, &op)?;
+        add_product_into(&self.acc, &d_logits, &hidden.detach())?;
+        crate::dist::overlap::accumulated(&self.acc)?;
+        Ok(Some(d_logits.matmul(&self.w)?))
+    }
 }
 
 /// `logits (N, V)` → `(N, 2)`: [nll (0 if ignored), logsumexp], f32 (f64 for f64 logits).

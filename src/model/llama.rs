@@ -216,24 +216,35 @@ impl Llama {
         block.norm(&x, get(w, "model.norm.weight")?)
     }
 
-    /// `hidden · headᵀ` in the compute dtype (a tied head is the embedding, cast here).
+    /// The LM head in the compute dtype and the accumulator its gradient goes into: the step's compute
+    /// copy (`HEAD`, also for a tied model) when there is one, else the tied embedding cast here.
+    fn head<'a>(
+        &self,
+        w: &BTreeMap<String, Tensor>,
+        grads_into: &'a BTreeMap<String, Tensor>,
+    ) -> Result<(Tensor, Option<&'a Tensor>)> {
+        let tied = self.cfg.tie_word_embeddings;
+        let weight = match w.get(HEAD) {
+            Some(head) => head,
+            None if tied => get(w, EMBEDDING)?,
+            None => bail!("missing weight `{HEAD}`"),
+        };
+        let acc = grads_into
+            .get(HEAD)
+            .or(if tied { grads_into.get(EMBEDDING) } else { None });
+        Ok((weight.to_dtype(self.dtype)?, acc))
+    }
+
+    /// `hidden · headᵀ` in the compute dtype.
     fn project(
         &self,
         w: &BTreeMap<String, Tensor>,
         grads_into: &BTreeMap<String, Tensor>,
         hidden: &Tensor,
     ) -> Result<Tensor> {
-        let name = if self.cfg.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        let head = w
-            .get(name)
-            .with_context(|| format!("missing weight `{name}`"))?
-            .to_dtype(self.dtype)?;
+        let (head, acc) = self.head(w, grads_into)?;
         let hidden = hidden.to_dtype(self.dtype)?;
-        Ok(match grads_into.get(name) {
+        Ok(match acc {
             Some(acc) if self.kernels == Kernels::Fused => fused::linear::linear(&hidden, &head, acc)?,
             _ => hidden.broadcast_matmul(&head.t()?)?,
         })
@@ -259,8 +270,13 @@ impl Llama {
         ids: &Tensor,
         labels: &[i64],
     ) -> Result<(Tensor, usize)> {
-        let (logits, targets) = self.next_token_logits_into(w, grads_into, ids, labels)?;
-        self.cross_entropy(&logits, &targets)
+        let (hidden, targets) = self.next_token_hidden_into(w, grads_into, ids, labels)?;
+        if let (Kernels::Fused, (head, Some(acc))) = (self.kernels, self.head(w, grads_into)?) {
+            // The head and the loss as one node: the (N, V) logits' gradient stays out of autograd.
+            let hidden = hidden.to_dtype(self.dtype)?;
+            return Ok(fused::cross_entropy::head_cross_entropy(&hidden, &head, acc, &targets)?);
+        }
+        self.cross_entropy(&self.project(w, grads_into, &hidden)?, &targets)
     }
 
     /// The logits `(B·(T−1), V)` of every position but the last and the targets they are scored
@@ -272,13 +288,24 @@ impl Llama {
         ids: &Tensor,
         labels: &[i64],
     ) -> Result<(Tensor, Vec<i64>)> {
+        let (hidden, targets) = self.next_token_hidden_into(w, grads_into, ids, labels)?;
+        Ok((self.project(w, grads_into, &hidden)?, targets))
+    }
+
+    /// The final hidden states `(B·(T−1), d)` of every position but the last, and their targets.
+    fn next_token_hidden_into(
+        &self,
+        w: &BTreeMap<String, Tensor>,
+        grads_into: &BTreeMap<String, Tensor>,
+        ids: &Tensor,
+        labels: &[i64],
+    ) -> Result<(Tensor, Vec<i64>)> {
         let (b, t) = ids.dims2()?;
         let hidden = self.hidden_into(w, grads_into, ids)?.narrow(1, 0, t - 1)?;
         let targets: Vec<i64> = (0..b)
             .flat_map(|r| labels[r * t + 1..(r + 1) * t].iter().copied())
             .collect();
-        let logits = self.project(w, grads_into, &hidden.reshape((b * (t - 1), self.cfg.hidden_size))?)?;
-        Ok((logits, targets))
+        Ok((hidden.reshape((b * (t - 1), self.cfg.hidden_size))?, targets))
     }
 
     /// Token-mean cross-entropy of `(N, V)` logits against `targets`, and the number counted.
