@@ -484,6 +484,24 @@ __device__ __forceinline__ void add_block(float *dst, long long st, int row0, in
   for (int e = lane; e < 256; e += 32)
     if (row0 + e / 16 < t) atomicAdd(dst + (row0 + e / 16) * st + col0 + e % 16, stage[e]);
 }
+
+// out (16 × 16·N, f32, row stride ldo) = a · bᵀ for a warp's 16 rows `a` (fragments over D) and a
+// tile `b` of 16·N rows of D (row stride LD): scores, or score gradients, of 16 rows at once.
+template <int N>
+__device__ __forceinline__ void rows_times_tile_t(const FragA (&a)[D / 16], const bf16 *b, float *out, int ldo) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    FragC c;
+    wmma::fill_fragment(c, 0.f);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      FragBt bt;
+      wmma::load_matrix_sync(bt, b + n * 16 * LD + kk * 16, LD);
+      wmma::mma_sync(c, a[kk], bt, c);
+    }
+    wmma::store_matrix_sync(out + n * 16, c, ldo, wmma::mem_row_major);
+  }
+}
 }  // namespace flash
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -516,18 +534,7 @@ extern "C" __global__ void __launch_bounds__(128)
     load_tile(sv, vb, vst, j0, 64, t);
     __syncthreads();
     if (j0 > row0 + 15) continue;  // every key of this tile is after the warp's rows
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {  // S (16 × 64) = q rows · kᵀ
-      FragC c;
-      wmma::fill_fragment(c, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        FragBt bk;
-        wmma::load_matrix_sync(bk, sk + n * 16 * LD + kk * 16, LD);
-        wmma::mma_sync(c, aq[kk], bk, c);
-      }
-      wmma::store_matrix_sync(sw + n * 16, c, LS, wmma::mem_row_major);
-    }
+    rows_times_tile_t<4>(aq, sk, sw, LS);  // S (16 × 64) = q rows · kᵀ
     __syncwarp();
     const int c0 = j0 + lane, c1 = j0 + lane + 32;
 #pragma unroll
@@ -634,18 +641,7 @@ extern "C" __global__ void __launch_bounds__(128)
     load_tile(sq, qb, qst, q0, 32, t);
     load_tile(sdo, dob, dost, q0, 32, t);
     __syncthreads();
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {  // Sᵀ (16 keys × 32 queries) = k rows · qᵀ
-      FragC c;
-      wmma::fill_fragment(c, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        FragBt bq;
-        wmma::load_matrix_sync(bq, sq + n * 16 * LD + kk * 16, LD);
-        wmma::mma_sync(c, ak[kk], bq, c);
-      }
-      wmma::store_matrix_sync(sw + n * 16, c, LS, wmma::mem_row_major);
-    }
+    rows_times_tile_t<2>(ak, sq, sw, LS);  // Sᵀ (16 keys × 32 queries) = k rows · qᵀ
     __syncwarp();
     const int qi = q0 + lane;
     const float lse_i = qi < t ? lse_b[qi] : 0.f, delta_i = qi < t ? delta_b[qi] : 0.f;
@@ -665,18 +661,7 @@ extern "C" __global__ void __launch_bounds__(128)
         wmma::load_matrix_sync(bdo, sdo + kk * 16 * LD + n * 16, LD);
         wmma::mma_sync(dvacc[n], ap, bdo, dvacc[n]);
       }
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {  // dPᵀ (16 × 32) = v rows · doᵀ
-      FragC c;
-      wmma::fill_fragment(c, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        FragBt bdo;
-        wmma::load_matrix_sync(bdo, sdo + n * 16 * LD + kk * 16, LD);
-        wmma::mma_sync(c, av[kk], bdo, c);
-      }
-      wmma::store_matrix_sync(sw + n * 16, c, LS, wmma::mem_row_major);
-    }
+    rows_times_tile_t<2>(av, sdo, sw, LS);  // dPᵀ (16 × 32) = v rows · doᵀ
     __syncwarp();
 #pragma unroll
     for (int r = 0; r < 16; ++r) {
