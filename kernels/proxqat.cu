@@ -439,7 +439,7 @@ ROW_OPS(bf16, __nv_bfloat16)
 // the tile and walks its rows (warp-shuffle reductions per row).
 // Forward: one block per (64 query rows, head, batch), four warps of 16 rows; online softmax (running max
 // and sum in f32, rescaled output rows in registers); writes o and the rows' log-sum-exp.
-// Backward (FA2 order): delta = rowsum(o·do) first; then one block per (64 key rows, query head, batch)
+// Backward (FA2 order): delta = rowsum(o·do) first; then one block per (query head, batch, 64 key rows)
 // walks the 32-row query tiles that see those keys, recomputing P = exp(scale·q·kᵀ − lse): dv += Pᵀ·do,
 // dk += dSᵀ·q in the block's accumulators (added to f32 buffers at the end: the g query heads of a KV
 // head share them), dq += dS·k by atomic adds into f32. dS = P·(dP − delta)·scale with P in bf16.
@@ -516,16 +516,21 @@ extern "C" __global__ void __launch_bounds__(128)
   __shared__ __align__(32) bf16 sp[4][16 * LD];
   const int q0 = blockIdx.x * 64, head = blockIdx.y, b = blockIdx.z, kvh = head / g;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row0 = q0 + warp * 16;  // the warp's first query position; each lane owns columns lane, lane + 32
+  const int row0 = q0 + warp * 16;  // the warp's first query position
   const bf16 *kb = k + b * ksb + kvh * ksh, *vb = v + b * vsb + kvh * vsh;
   load_tile(sv, q + b * qsb + head * qsh, qst, q0, 64, t);
   __syncthreads();
   FragA aq[D / 16];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(aq[kk], sv + warp * 16 * LD + kk * 16, LD);
-  float m[16], l[16], acc[16][2];
+  // Lane (rr, qq) = (lane / 4, lane % 4) owns rows rr and rr + 8 of the warp's 16 and the columns
+  // 4c + qq: a row's four lanes reduce it in two shuffles, and the lanes of one access hit 32 banks.
+  const int rr = lane >> 2, qq = lane & 3;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[2][16];
 #pragma unroll
-  for (int r = 0; r < 16; ++r) m[r] = -INFINITY, l[r] = 0.f, acc[r][0] = acc[r][1] = 0.f;
+  for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+    for (int c = 0; c < 16; ++c) acc[hh][c] = 0.f;
   float *sw = ss[warp];
   bf16 *pw = sp[warp];
   for (int j0 = 0; j0 <= q0 + 63 && j0 < t; j0 += 64) {
@@ -536,20 +541,32 @@ extern "C" __global__ void __launch_bounds__(128)
     if (j0 > row0 + 15) continue;  // every key of this tile is after the warp's rows
     rows_times_tile_t<4>(aq, sk, sw, LS);  // S (16 × 64) = q rows · kᵀ
     __syncwarp();
-    const int c0 = j0 + lane, c1 = j0 + lane + 32;
 #pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      const int row = row0 + r;
-      const float s0 = (c0 <= row && c0 < t) ? sw[r * LS + lane] * scale : -INFINITY;
-      const float s1 = (c1 <= row && c1 < t) ? sw[r * LS + lane + 32] * scale : -INFINITY;
-      const float m_new = fmaxf(m[r], warp_max(fmaxf(s0, s1)));  // finite: key 0 is seen by every row
-      const float alpha = __expf(m[r] - m_new), p0 = __expf(s0 - m_new), p1 = __expf(s1 - m_new);
-      l[r] = l[r] * alpha + warp_sum(p0 + p1);
-      m[r] = m_new;
-      acc[r][0] *= alpha;
-      acc[r][1] *= alpha;
-      pw[r * LD + lane] = __float2bfloat16_rn(p0);
-      pw[r * LD + lane + 32] = __float2bfloat16_rn(p1);
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = rr + 8 * hh, row = row0 + r;
+      float s[16], mx = -INFINITY;
+#pragma unroll
+      for (int c = 0; c < 16; ++c) {
+        const int col = j0 + 4 * c + qq;
+        s[c] = (col <= row && col < t) ? sw[r * LS + 4 * c + qq] * scale : -INFINITY;
+        mx = fmaxf(mx, s[c]);
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      const float m_new = fmaxf(m[hh], mx);  // finite: key 0 is seen by every row
+      const float alpha = __expf(m[hh] - m_new);
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < 16; ++c) {
+        const float p = __expf(s[c] - m_new);
+        sum += p;
+        pw[r * LD + 4 * c + qq] = __float2bfloat16_rn(p);
+        acc[hh][c] *= alpha;
+      }
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      l[hh] = l[hh] * alpha + sum;
+      m[hh] = m_new;
     }
     __syncwarp();
 #pragma unroll
@@ -568,20 +585,19 @@ extern "C" __global__ void __launch_bounds__(128)
     }
     __syncwarp();
 #pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      acc[r][0] += sw[r * LS + lane];
-      acc[r][1] += sw[r * LS + lane + 32];
-    }
+    for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+      for (int c = 0; c < 16; ++c) acc[hh][c] += sw[(rr + 8 * hh) * LS + 4 * c + qq];
     __syncwarp();
   }
 #pragma unroll
-  for (int r = 0; r < 16; ++r) {
-    const int row = row0 + r;
-    if (row >= t) break;
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + rr + 8 * hh;
+    if (row >= t) continue;
     bf16 *orow = o + b * osb + head * osh + row * ost;
-    orow[lane] = __float2bfloat16_rn(acc[r][0] / l[r]);
-    orow[lane + 32] = __float2bfloat16_rn(acc[r][1] / l[r]);
-    if (lane == 0) lse[((long long)b * h + head) * t + row] = m[r] + __logf(l[r]);
+#pragma unroll
+    for (int c = 0; c < 16; ++c) orow[4 * c + qq] = __float2bfloat16_rn(acc[hh][c] / l[hh]);
+    if (qq == 0) lse[((long long)b * h + head) * t + row] = m[hh] + __logf(l[hh]);
   }
 }
 
@@ -613,7 +629,8 @@ extern "C" __global__ void __launch_bounds__(128)
   __shared__ __align__(32) float ss[4][16 * LS];
   __shared__ __align__(32) bf16 sp[4][16 * LP];
   __shared__ __align__(32) bf16 sds[64 * LP];  // dSᵀ: key rows × query columns
-  const int j0 = blockIdx.x * 64, head = blockIdx.y, b = blockIdx.z, kvh = head / g;
+  // Key tiles vary slowest in the grid: the first (the most query tiles to walk) are dispatched first.
+  const int j0 = blockIdx.z * 64, head = blockIdx.x, b = blockIdx.y, kvh = head / g;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int key0 = j0 + warp * 16;  // the warp's first key; each lane owns query column lane of a tile
   load_tile(sk, k + b * ksb + kvh * ksh, kst, j0, 64, t);

@@ -327,7 +327,12 @@ mod cuda {
             .chain(ints(s))
             .chain([s.q, s.k, s.v, s.o, s.q, s.k, s.v].into_iter().flat_map(strides))
             .collect();
-        launch(&dev, "flash_bwd_bf16", tiles(s.t, 64, s.h, s.b), &args)?;
+        let grid = LaunchConfig {
+            grid_dim: (s.h as u32, s.b as u32, s.t.div_ceil(64) as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch(&dev, "flash_bwd_bf16", grid, &args)?;
         let bf16 = |x: Tensor| x.to_dtype(DType::BF16);
         Ok((bf16(dq)?, bf16(dk)?, bf16(dv)?))
     }
