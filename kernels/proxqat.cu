@@ -435,8 +435,7 @@ ROW_OPS(bf16, __nv_bfloat16)
 // Every tensor is addressed as base + b·sb + head·sh + t·st (+ d), so the kernels read q, k, v and the
 // output gradient and write o, dq, dk, dv in the layouts the decoder block already has (no transposes).
 // Query head h reads KV head h / g. Shared tiles are padded (rows of 72 bf16, 68 / 36 f32) so the WMMA
-// loads and the lanes' row walks do not collide in the banks; in the softmax each lane owns columns of
-// the tile and walks its rows (warp-shuffle reductions per row).
+// loads and the lanes' walks over the score tiles do not collide in the banks.
 // Forward: one block per (64 query rows, head, batch), four warps of 16 rows; online softmax (running max
 // and sum in f32, rescaled output rows in registers); writes o and the rows' log-sum-exp.
 // Backward (FA2 order): delta = rowsum(o·do) first; then one block per (query head, batch, 64 key rows)
