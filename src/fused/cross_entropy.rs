@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::linear::add_product_into;
-use super::{cpu_storage, host_f64, host_targets, target_indices, Precomputed, IGNORED};
+use super::{cpu_storage, host_f64, host_targets, node1, target_indices, Backward1, IGNORED};
 use crate::model::ops::stat_dtype;
 
 /// Token-mean cross-entropy of `logits: (N, V)` against `targets` (−100 = ignored): the loss (0-d, f32
@@ -30,13 +30,13 @@ pub fn head_cross_entropy(hidden: &Tensor, w: &Tensor, acc: &Tensor, targets: &[
     let stats = logits.apply_op1_no_bwd(&CrossEntropy { targets: index.clone() })?;
     let stats = if hidden.track_op() {
         let node = HeadLoss {
-            out: Precomputed::new(stats, "fused head + cross-entropy"),
+            stats: stats.clone(),
             logits,
             w,
             acc: acc.clone(),
             targets: index,
         };
-        hidden.contiguous()?.apply_op1(node)?
+        node1(stats, &hidden.contiguous()?, node)?
     } else {
         stats
     };
@@ -51,35 +51,27 @@ fn token_mean(stats: &Tensor, counted: usize) -> Result<Tensor> {
         .affine(1.0 / counted.max(1) as f64, 0.0)
 }
 
+/// The head + loss node: the forward's `[nll, lse]` rows and logits, read by the backward.
 struct HeadLoss {
-    out: Precomputed,
+    stats: Tensor,
     logits: Tensor,
     w: Tensor,
     acc: Tensor,
     targets: Tensor,
 }
 
-impl CustomOp1 for HeadLoss {
+impl Backward1 for HeadLoss {
     fn name(&self) -> &'static str {
-        "fused-head-cross-entropy"
+        "fused head + cross-entropy"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.out.take_cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.take_cuda()
-    }
-
-    fn bwd(&self, hidden: &Tensor, stats: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, hidden: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let op = CrossEntropyBwd {
             targets: self.targets.clone(),
         };
         let d_logits = self
             .logits
-            .apply_op3_no_bwd(&stats.detach(), &grad.detach().contiguous()?, &op)?;
+            .apply_op3_no_bwd(&self.stats, &grad.detach().contiguous()?, &op)?;
         add_product_into(&self.acc, &d_logits, &hidden.detach())?;
         crate::dist::overlap::accumulated(&self.acc)?;
         Ok(Some(d_logits.matmul(&self.w)?))

@@ -7,11 +7,11 @@
 //! gradients into their step accumulators (`acc += gradᵀ · input`, as `fused::linear`) and returns
 //! `∂L/∂m` — the same arithmetic, kernel by kernel, as the four-node version.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
 use super::linear::{add_product_into, sum_of_products};
 use super::swiglu::{swiglu, swiglu_backward};
-use super::Precomputed;
+use super::{node1, Backward1};
 use crate::dist::overlap;
 
 /// `m: (.., hidden)` through the MLP with compute-dtype weights `[gate, up, down]` (`(inter, hidden)`,
@@ -27,16 +27,12 @@ pub fn mlp(m: &Tensor, w: [&Tensor; 3], acc: [&Tensor; 3]) -> Result<Tensor> {
         return out.reshape(m.shape());
     }
     let node = Mlp {
-        out: Precomputed::new(out, "fused mlp"),
         gate,
         up,
         w: [w_gate, w_up, w_down],
         acc: acc.map(Tensor::clone),
     };
-    m.contiguous()?
-        .reshape((rows, hidden))?
-        .apply_op1(node)?
-        .reshape(m.shape())
+    node1(out, &m.contiguous()?.reshape((rows, hidden))?, node)?.reshape(m.shape())
 }
 
 /// `(out, gate, up)` of the MLP on detached rows `x: (rows, hidden)` (no autograd node).
@@ -48,28 +44,18 @@ pub(super) fn mlp_forward(x: &Tensor, [w_gate, w_up, w_down]: [&Tensor; 3]) -> R
 }
 
 struct Mlp {
-    out: Precomputed,
     gate: Tensor,
     up: Tensor,
     w: [Tensor; 3],
     acc: [Tensor; 3],
 }
 
-impl CustomOp1 for Mlp {
+impl Backward1 for Mlp {
     fn name(&self) -> &'static str {
-        "fused-mlp"
+        "fused mlp"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.out.take_cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.take_cuda()
-    }
-
-    fn bwd(&self, m: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, m: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let w = self.w.each_ref();
         let acc = self.acc.each_ref();
         Ok(Some(mlp_backward(m, &self.gate, &self.up, w, acc, grad)?))

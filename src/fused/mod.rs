@@ -40,7 +40,7 @@ pub enum Kernels {
 }
 
 /// A result computed outside a custom op (by ordinary tensor ops, on detached inputs) and handed to
-/// autograd once by the op's forward (`node3`, the MLP node). The forward copies it out (candle's
+/// autograd once by the op's forward (`node1`, `node3`). The forward copies it out (candle's
 /// custom ops return fresh storage).
 pub(crate) struct Precomputed {
     out: std::sync::Mutex<Option<Tensor>>,
@@ -80,6 +80,48 @@ impl Precomputed {
             candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
             _ => candle_core::bail!("{}: CUDA input, result on another device", self.op),
         }
+    }
+}
+
+/// The backward of a one-argument node built by [`node1`].
+pub(crate) trait Backward1: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// The argument's gradient from the output's.
+    fn bwd(&self, arg: &Tensor, grad: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// `out`, computed by ordinary tensor ops on the detached `arg`, entered into autograd as one node over
+/// `arg` whose backward is `backward` (the MLP, the head with its loss).
+pub(crate) fn node1(out: Tensor, arg: &Tensor, backward: impl Backward1) -> Result<Tensor> {
+    let out = Precomputed::new(out, backward.name());
+    arg.apply_op1(Node1 { out, backward })
+}
+
+struct Node1<B> {
+    out: Precomputed,
+    backward: B,
+}
+
+impl<B: Backward1> candle_core::CustomOp1 for Node1<B> {
+    fn name(&self) -> &'static str {
+        self.backward.name()
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
+        self.out.take_cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.out.take_cuda()
+    }
+
+    fn bwd(&self, arg: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        self.backward.bwd(arg, grad)
     }
 }
 
