@@ -51,6 +51,19 @@ cursor, λ, γ, sensitivities, grid scales).")]
     Harden(HardenArgs),
     /// Round-to-nearest post-training quantization: scales from the current weights, all selected snapped.
     Ptq(PtqArgs),
+    /// Sample a teacher's own responses to the training instructions: extra distillation data
+    /// (`data.extra_train`) that leaves the validation split untouched.
+    #[command(
+        after_long_help = "EXAMPLE (distill a quantized student on the data plus 4 teacher samples per record):
+  proxqat train --config configs/alpaca.toml --set train.out_dir=\"runs/teacher\" --set quant=...   (fp)
+  proxqat synth --ckpt runs/teacher --samples 4 --out runs/teacher-synth.json
+  proxqat train --config configs/alpaca.toml --set 'data.extra_train=[\"runs/teacher-synth.json\"]'
+
+The records are the checkpoint's training split (its config's data.path, val_records / val_fraction,
+split_seed), or every record of --data. Responses are sampled at --temperature from the float weights
+and stop at EOS or at data.max_seq_length tokens with the prompt."
+    )]
+    Synth(SynthArgs),
     /// Per-tensor grid statistics of a checkpoint (hit rate, saturation, |w − q|, scale).
     Stats(StatsArgs),
     /// Write a checkpoint as HF safetensors, a llama.cpp GGUF file or packed int codes + scales.
@@ -247,6 +260,35 @@ pub struct PlotArgs {
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Replace an existing image.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    #[command(flatten)]
+    pub ckpt: CkptArgs,
+    /// Alpaca JSON whose records (all of them) are answered; default: the run's training split.
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Output Alpaca JSON: each record's instruction and input with a sampled output.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Responses per record.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub samples: usize,
+    /// Sampling temperature: 1 draws from the model's distribution as it is, 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Prompts continued together per forward.
+    #[arg(long, value_name = "ROWS", default_value_t = 64)]
+    pub batch: usize,
+    /// Longest response, in tokens (responses also end where data.max_seq_length does).
+    #[arg(long, value_name = "TOKENS", default_value_t = 512)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Replace an existing output file.
     #[arg(long)]
     pub overwrite: bool,
 }

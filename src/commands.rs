@@ -4,13 +4,14 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
 
-use crate::cli::{CkptArgs, Cli, Command, EvalArgs, ExportArgs, GpuCheck, HardenArgs, PtqArgs, StatsArgs};
+use crate::cli::{CkptArgs, Cli, Command, EvalArgs, ExportArgs, GpuCheck, HardenArgs, PtqArgs, StatsArgs, SynthArgs};
 use crate::config::{Config, DeviceChoice, Precision};
 use crate::data::{self, Encoder};
 use crate::eval;
 use crate::model::io::LoadedModel;
 use crate::model::{Llama, Params};
 use crate::quant::{harden, stats, QuantConfig, Quantizer, View};
+use crate::synth;
 use crate::train::{self, checkpoint};
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -24,6 +25,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => run_eval(a),
         Command::Harden(a) => run_harden(a),
         Command::Ptq(a) => run_ptq(a),
+        Command::Synth(a) => run_synth(a),
         Command::Stats(a) => run_stats(a),
         Command::Export(a) => run_export(a),
         Command::Plot(a) => {
@@ -112,6 +114,21 @@ impl Opened {
             .transpose()
     }
 
+    /// The Alpaca encoder for this checkpoint's tokenizer and EOS.
+    fn encoder(&self, max_seq_length: usize, mask_prompt: bool) -> Result<Encoder> {
+        let model = &self.ckpt.model;
+        Ok(Encoder {
+            tokenizer: model.tokenizer.clone(),
+            eos_id: *model
+                .cfg
+                .eos_token_ids
+                .first()
+                .context("the model config has no eos_token_id")?,
+            max_seq_length,
+            mask_prompt,
+        })
+    }
+
     fn require_quantizer(&self) -> Result<Quantizer> {
         self.quantizer()?.with_context(|| {
             format!(
@@ -151,19 +168,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         _ => None,
     };
     if let Some((records, max_seq_length, mask_prompt)) = data_source {
-        let eos_id = *o
-            .ckpt
-            .model
-            .cfg
-            .eos_token_ids
-            .first()
-            .context("the model config has no eos_token_id")?;
-        let encoder = Encoder {
-            tokenizer: tok.clone(),
-            eos_id,
-            max_seq_length,
-            mask_prompt,
-        };
+        let encoder = o.encoder(max_seq_length, mask_prompt)?;
         let batches = data::val_batches(&records, &encoder, a.batch, None)?;
         let l = eval::losses(&o.model, &o.params, quantizer.as_ref(), &batches)?;
         out["val_loss"] = l.fp.into();
@@ -280,6 +285,71 @@ fn run_ptq(a: PtqArgs) -> Result<()> {
     })?;
     let quantizer = Quantizer::new(cfg, &o.params)?;
     write_hardened(&o, &quantizer, View::Hard, "rtn", &a.out, a.overwrite, a.ckpt.json)
+}
+
+/// The teacher's own responses to the training instructions, as an Alpaca JSON file.
+fn run_synth(a: SynthArgs) -> Result<()> {
+    if a.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!("--temperature {} must be ≥ 0 (0: greedy)", a.temperature);
+    }
+    if a.out.exists() && !a.overwrite {
+        bail!(
+            "{} already exists; choose another --out or pass --overwrite",
+            a.out.display()
+        );
+    }
+    let o = open(&a.ckpt)?;
+    let (records, max_seq_length) = match (&a.data, &o.config) {
+        (Some(path), cfg) => (
+            data::alpaca::load_records(path)?,
+            cfg.as_ref().map(|c| c.data.max_seq_length).unwrap_or(256),
+        ),
+        (None, Some(cfg)) => {
+            let (train, _) = data::split(
+                data::alpaca::load_records(&cfg.data.path)?,
+                cfg.val_size(),
+                cfg.data.split_seed,
+            )?;
+            (train, cfg.data.max_seq_length)
+        }
+        (None, None) => bail!(
+            "{} carries no data config: pass --data FILE (the records to answer) or --config FILE",
+            o.ckpt.dir.display()
+        ),
+    };
+    let encoder = o.encoder(max_seq_length, false)?;
+    let weights = o.params.compute_weights(o.model.dtype, |_, x| Ok(x.detach()))?;
+    let options = synth::SynthOptions {
+        samples: a.samples,
+        temperature: a.temperature,
+        batch: a.batch,
+        max_new_tokens: a.max_new_tokens,
+        seed: a.seed,
+    };
+    let (synthetic, report) = synth::synthesize(&o.model, &weights, &encoder, &records, &options)?;
+    crate::fsutil::write_atomic(
+        &a.out,
+        serde_json::to_string_pretty(&synth::to_json(&synthetic))?.as_bytes(),
+    )?;
+    tracing::info!(responses = report.responses, ended = report.ended, tokens = report.tokens,
+        tokens_per_s = report.tokens_per_s, out = %a.out.display(), "synthesized");
+    if a.ckpt.json {
+        print_json(&serde_json::to_value(&report)?);
+    } else {
+        println!(
+            "{} responses to {} records ({} ended at EOS), {} tokens in {:.1} s, written to {}",
+            report.responses,
+            report.records,
+            report.ended,
+            report.tokens,
+            report.seconds,
+            a.out.display()
+        );
+    }
+    Ok(())
 }
 
 /// Snap `o`'s selected weights per `view` and write the result as a new checkpoint at `out`.

@@ -45,6 +45,10 @@ pub struct DataSection {
     /// Put the loss on the response only (LitGPT's Alpaca default in the seed run: false).
     #[serde(default)]
     pub mask_prompt: bool,
+    /// More Alpaca JSON files whose records join the training split only (e.g. `proxqat synth`'s
+    /// teacher samples); the validation split stays that of `path`.
+    #[serde(default)]
+    pub extra_train: Vec<PathBuf>,
 }
 
 /// Knowledge distillation from a float teacher: the training loss becomes
@@ -198,7 +202,8 @@ impl Config {
         let mut cfg = Self::parse(&text, overrides).with_context(|| format!("in config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let teacher = cfg.distill.as_mut().map(|d| &mut d.teacher);
-        for p in [&mut cfg.model.path, &mut cfg.data.path].into_iter().chain(teacher) {
+        let paths = [&mut cfg.model.path, &mut cfg.data.path].into_iter();
+        for p in paths.chain(&mut cfg.data.extra_train).chain(teacher) {
             if p.is_relative() && !p.exists() && base.join(&*p).exists() {
                 *p = base.join(&*p);
             }

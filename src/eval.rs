@@ -137,7 +137,16 @@ pub fn generate(
     if ids.is_empty() {
         anyhow::bail!("the prompt is empty");
     }
-    let out = model.generate(weights, &ids, max_new, &model.cfg.eos_token_ids)?;
+    let out = model
+        .sample(
+            weights,
+            std::slice::from_ref(&ids),
+            &[ids.len() + max_new],
+            &model.cfg.eos_token_ids,
+            0.0,
+            &mut crate::rng::Rng::new(0),
+        )?
+        .remove(0);
     let completion = tok.decode(&out, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
     Ok(Generation {
         prompt: prompt.to_string(),

@@ -19,4 +19,5 @@ pub mod model;
 pub mod plot;
 pub mod quant;
 pub mod rng;
+pub mod synth;
 pub mod train;

@@ -12,7 +12,9 @@
 #        given), temperature KD_T (1.0) — the fp run then goes first, alone; with KD_TEACHER_STEPS=N the
 #        teacher is a separate fp fine-tune of N steps instead (a 300-step fp run overfits the demo data);
 #        +warm: the run starts from the teacher's weights instead of the pretrained model's (two stages:
-#        its steps come on top of the teacher's))
+#        its steps come on top of the teacher's); +syn: the training split also holds the teacher's own
+#        responses to its instructions, SYNTH_SAMPLES (4) per record at temperature SYNTH_T (1.0),
+#        sampled once by `proxqat synth` after the teacher run)
 #        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
 #        GRID_RULE (absmax: how every grid's scales start, RTN's included; mse: least rounding error)
 #        LR (5e-5: the QAT runs' peak learning rate, min LR/10; the fp runs keep 5e-5)
@@ -49,6 +51,7 @@ method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; 
   m=${m/+ramp/}
   [[ $m =~ \+kd[0-9.]* ]] && m=${m/${BASH_REMATCH[0]}/}
   m=${m/+warm/}
+  m=${m/+syn/}
   if [[ $m == *+ls* ]]; then # at M × the weights' lr (M from SCALE_LR_MULT, 1.0, when not given)
     local mult=${m#*+ls}
     printf 'scale_lr_mult = %s\n' "${mult:-${SCALE_LR_MULT:-1.0}}"
@@ -83,6 +86,7 @@ path = "$model"
 path = "$out/train.json"
 val_records = $val
 max_seq_length = 256
+$([[ $3 == *+syn* ]] && printf 'extra_train = ["%s"]' "$out/synth.json" || true)
 [train]
 out_dir = "$out/runs/$1"
 micro_batch = $mb
@@ -140,6 +144,10 @@ done
 if [[ " ${names[*]}" == *+kd* || " ${names[*]}" == *+warm* ]]; then
   run_one $teacher # the teacher of the +kd runs, the start of the +warm runs
   [ -s "$out/rows/$teacher.json" ] || { echo "the $teacher run (the teacher) failed"; exit 1; }
+fi
+if [[ " ${names[*]}" == *+syn* && ! -s "$out/synth.json" ]]; then
+  $bin synth --ckpt "$out/runs/$teacher" --samples "${SYNTH_SAMPLES:-4}" --temperature "${SYNTH_T:-1.0}" \
+    --batch 128 --out "$out/synth.json" --json > "$out/synth-report.json" 2> "$out/synth.log"
 fi
 (echo fp; printf '%s\n' "${names[@]}") | xargs -P "$jobs" -I{} bash -c 'run_one {}'
 for g in $grids; do

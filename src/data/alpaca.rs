@@ -84,19 +84,25 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    fn tokens(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// `[BOS if the tokenizer adds one] + prompt`: what a response to `r` continues.
+    pub fn prompt_ids(&self, r: &Record) -> Result<Vec<u32>> {
+        self.tokens(&prompt(r), true)
+    }
+
     /// `[BOS if the tokenizer adds one] + prompt + response + EOS`, truncated to `max_seq_length`.
     pub fn encode(&self, r: &Record) -> Result<Example> {
-        let enc = |text: &str, special: bool| -> Result<Vec<u32>> {
-            Ok(self
-                .tokenizer
-                .encode(text, special)
-                .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
-                .get_ids()
-                .to_vec())
-        };
-        let prompt_ids = enc(&prompt(r), true)?;
+        let prompt_ids = self.prompt_ids(r)?;
         let mut ids = prompt_ids.clone();
-        ids.extend(enc(&r.output, false)?);
+        ids.extend(self.tokens(&r.output, false)?);
         ids.push(self.eos_id);
         let truncated = ids.len() > self.max_seq_length;
         ids.truncate(self.max_seq_length);

@@ -197,8 +197,11 @@ impl Trainer {
             .with_kernels(cfg.train.kernels)
             .with_checkpointing(cfg.train.checkpoint_layers);
 
-        let (train, val) = data::split(records, cfg.val_size(), cfg.data.split_seed)
+        let (mut train, val) = data::split(records, cfg.val_size(), cfg.data.split_seed)
             .with_context(|| format!("splitting {}", cfg.data.path.display()))?;
+        for path in &cfg.data.extra_train {
+            train.extend(data::alpaca::load_records(path).context("a data.extra_train file")?);
+        }
         let eos_id = *loaded
             .cfg
             .eos_token_ids
