@@ -122,6 +122,12 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             Box::new(|x| Ok(fused::swiglu::swiglu(&x[0], &x[1])?)),
         ),
         (
+            // An odd length at an odd offset: the kernels' one-element path (no four-element accesses).
+            "fused swiglu (offset view)",
+            vec![randn(&[7, 13], 18, 1.0)?, randn(&[7, 13], 19, 1.0)?],
+            Box::new(|x| Ok(fused::swiglu::swiglu(&x[0].narrow(0, 1, 5)?, &x[1].narrow(0, 1, 5)?)?)),
+        ),
+        (
             "fused cross_entropy",
             vec![randn(&[24, 64], 10, 2.0)?],
             Box::new(move |x| Ok(fused::cross_entropy::cross_entropy(&x[0], &targets2)?.0)),

@@ -19,7 +19,7 @@ use super::mlp::{mlp_backward, mlp_forward};
 use super::rms_norm::{rms_norm, rms_norm_backward};
 use super::rope::{rope, rope_backward};
 use super::softmax::{attend, attention_scale, per_kv_head};
-use super::{flash, node3, softmax, Backward3};
+use super::{flash, node3, residual, softmax, Backward3};
 use crate::dist::overlap;
 
 /// The block's shapes and constants.
@@ -90,10 +90,10 @@ fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &Blo
     let k = rope(&project(wk, kv)?, &spec.cos, &spec.sin, kv)?;
     let v = project(wv, kv)?.reshape((b, t, kv, hd))?;
     let (o, lse) = attention(&q, &k, &v)?;
-    let x1 = (&x + o.matmul(&wo.t()?)?.to_dtype(x.dtype())?.reshape((b, t, d))?)?;
+    let x1 = residual::add(&x, &o.matmul(&wo.t()?)?)?;
     let m = rms_norm(&x1, g_post, spec.eps, spec.compute)?.reshape((rows, d))?;
     let (z, gate, up) = mlp_forward(&m, [w_gate, w_up, w_down])?;
-    let out = (&x1 + z.to_dtype(x.dtype())?.reshape((b, t, d))?)?;
+    let out = residual::add(&x1, &z)?;
     let saved = Saved {
         x,
         a,

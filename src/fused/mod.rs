@@ -19,6 +19,7 @@ pub mod flash;
 pub mod grid;
 pub mod linear;
 pub mod mlp;
+pub mod residual;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
