@@ -350,6 +350,14 @@ pub(crate) mod cuda {
         }
     }
 
+    /// Kernel `NAME_SUFFIX` (the suffix of `dtype`) over `n` elements, grid-stride, with the device
+    /// addresses `ptrs` and then `n` as its arguments.
+    pub fn launch_elementwise(device: &CudaDevice, name: &str, dtype: DType, ptrs: &[u64], n: usize) -> Result<()> {
+        let kernel = format!("{name}_{}", suffix(dtype, name)?);
+        let args: Vec<Arg> = ptrs.iter().map(|&p| Arg::Ptr(p)).chain([Arg::Len(n)]).collect();
+        launch(device, &kernel, elementwise(n), &args)
+    }
+
     /// Grid-stride launch over `n` elements.
     pub fn elementwise(n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;

@@ -37,20 +37,14 @@ impl CustomOp2 for ResidualAdd {
         ys: &candle_core::CudaStorage,
         yl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{self, Arg};
+        use super::cuda;
         let (op, n) = (self.name(), xl.shape().elem_count());
         if xs.dtype() != candle_core::DType::F32 {
             candle_core::bail!("{op}: the residual stream is f32 on CUDA, got {:?}", xs.dtype());
         }
         let (out, o) = cuda::alloc(&xs.device, candle_core::DType::F32, n, op)?;
-        let kernel = format!("residual_add_{}", cuda::suffix(ys.dtype(), op)?);
-        let args = [
-            Arg::Ptr(cuda::ptr(xs, xl, op)?),
-            Arg::Ptr(cuda::ptr(ys, yl, op)?),
-            Arg::Ptr(o),
-            Arg::Len(n),
-        ];
-        cuda::launch(&xs.device, &kernel, cuda::elementwise(n), &args)?;
+        let ptrs = [cuda::ptr(xs, xl, op)?, cuda::ptr(ys, yl, op)?, o];
+        cuda::launch_elementwise(&xs.device, "residual_add", ys.dtype(), &ptrs, n)?;
         Ok((out, xl.shape().clone()))
     }
 }

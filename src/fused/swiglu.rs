@@ -26,14 +26,6 @@ fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
-#[cfg(feature = "cuda")]
-fn launch(name: &str, storage: &candle_core::CudaStorage, ptrs: &[u64], n: usize) -> Result<()> {
-    use super::cuda::{self, Arg};
-    let kernel = format!("{name}_{}", cuda::suffix(storage.dtype(), name)?);
-    let args: Vec<Arg> = ptrs.iter().map(|&p| Arg::Ptr(p)).chain([Arg::Len(n)]).collect();
-    cuda::launch(&storage.device, &kernel, cuda::elementwise(n), &args)
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "fused-swiglu"
@@ -56,12 +48,8 @@ impl CustomOp2 for SwiGlu {
         use super::cuda;
         let (op, n) = (self.name(), gl.shape().elem_count());
         let (out, o) = cuda::alloc(&gs.device, gs.dtype(), n, op)?;
-        launch(
-            "swiglu_fwd",
-            gs,
-            &[cuda::ptr(gs, gl, op)?, cuda::ptr(us, ul, op)?, o],
-            n,
-        )?;
+        let ptrs = [cuda::ptr(gs, gl, op)?, cuda::ptr(us, ul, op)?, o];
+        cuda::launch_elementwise(&gs.device, "swiglu_fwd", gs.dtype(), &ptrs, n)?;
         Ok((out, gl.shape().clone()))
     }
 
@@ -116,7 +104,7 @@ impl CustomOp3 for SwiGluBwd {
             cuda::ptr(os, ol, op)?,
             o,
         ];
-        launch("swiglu_bwd", gs, &args, n)?;
+        cuda::launch_elementwise(&gs.device, "swiglu_bwd", gs.dtype(), &args, n)?;
         Ok((out, Shape::from((2, n))))
     }
 }
