@@ -325,7 +325,8 @@ impl Llama {
     }
 
     /// Continuations of `prompts`, each until a `stop` token (not included) or until row r holds
-    /// `max_lens[r]` tokens (prompt included), drawn in one batch from the model's next-token distribution at `temperature` (0: greedy).
+    /// `max_lens[r]` tokens (prompt included), drawn in one batch from the model's next-token
+    /// distribution at `temperature` (0: greedy).
     ///
     /// No KV cache: each step runs the live rows again, right-padded, and reads each row at its own
     /// last position — causal attention leaves a row's positions before its padding as they would be
@@ -343,10 +344,10 @@ impl Llama {
         if prompts.iter().any(|p| p.is_empty()) {
             bail!("a prompt to continue is empty");
         }
-        let mut rows = prompts.to_vec();
         if max_lens.len() != prompts.len() {
             bail!("{} prompts but {} length limits", prompts.len(), max_lens.len());
         }
+        let mut rows = prompts.to_vec();
         let mut live: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].len() < max_lens[r]).collect();
         while !live.is_empty() {
             // Widths in steps of 32, so that few distinct lengths' RoPE tables and masks are cached.
