@@ -55,9 +55,10 @@ cursor, λ, γ, sensitivities, grid scales).")]
     /// (`data.extra_train`) that leaves the validation split untouched.
     #[command(
         after_long_help = "EXAMPLE (distill a quantized student on the data plus 4 teacher samples per record):
-  proxqat train --config configs/alpaca.toml --set train.out_dir=\"runs/teacher\" --set quant=...   (fp)
-  proxqat synth --ckpt runs/teacher --samples 4 --out runs/teacher-synth.json
-  proxqat train --config configs/alpaca.toml --set 'data.extra_train=[\"runs/teacher-synth.json\"]'
+  proxqat train --config configs/alpaca.toml --set quant.method=fp --set train.out_dir=runs/alpaca-fp
+  proxqat synth --ckpt runs/alpaca-fp --samples 4 --out runs/alpaca-fp-synth.json
+  proxqat train --config configs/alpaca.toml --set 'data.extra_train=[\"runs/alpaca-fp-synth.json\"]'
+      (with [distill] teacher = \"runs/alpaca-fp\" in the config)
 
 The records are the checkpoint's training split (its config's data.path, val_records / val_fraction,
 split_seed), or every record of --data. Responses are sampled at --temperature from the float weights
@@ -286,6 +287,7 @@ pub struct SynthArgs {
     /// Longest response, in tokens (responses also end where data.max_seq_length does).
     #[arg(long, value_name = "TOKENS", default_value_t = 512)]
     pub max_new_tokens: usize,
+    /// Seed of the draws: the same seed, records and weights give the same responses.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Replace an existing output file.
