@@ -158,11 +158,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             false,
         )),
         (None, Some(cfg)) if a.text.is_none() && a.prompt.is_empty() => {
-            let (_, val) = data::split(
-                data::alpaca::load_records(&cfg.data.path)?,
-                cfg.val_size(),
-                cfg.data.split_seed,
-            )?;
+            let (_, val) = cfg.split_records()?;
             Some((val, cfg.data.max_seq_length, cfg.data.mask_prompt))
         }
         _ => None,
@@ -308,11 +304,7 @@ fn run_synth(a: SynthArgs) -> Result<()> {
             cfg.as_ref().map(|c| c.data.max_seq_length).unwrap_or(256),
         ),
         (None, Some(cfg)) => {
-            let (train, _) = data::split(
-                data::alpaca::load_records(&cfg.data.path)?,
-                cfg.val_size(),
-                cfg.data.split_seed,
-            )?;
+            let (train, _) = cfg.split_records()?;
             (train, cfg.data.max_seq_length)
         }
         (None, None) => bail!(

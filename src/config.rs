@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-use crate::data::ValSize;
+use crate::data::{self, Record, ValSize};
 use crate::quant::QuantConfig;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -279,6 +279,15 @@ impl Config {
             Some(n) => ValSize::Records(n),
             None => ValSize::Fraction(self.data.val_fraction),
         }
+    }
+
+    /// The records of `data.path`, split into (train, val) as training splits them.
+    pub fn split_records(&self) -> Result<(Vec<Record>, Vec<Record>)> {
+        data::split(
+            data::alpaca::load_records(&self.data.path)?,
+            self.val_size(),
+            self.data.split_seed,
+        )
     }
 
     /// Micro-batches per optimizer step, over all devices.
