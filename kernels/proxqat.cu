@@ -498,30 +498,28 @@ ROW_OPS(f32, float)
 ROW_OPS(bf16, __nv_bfloat16)
 
 // ---------------------------------------------------------------------------------------------------
-// Causal GQA attention in tiles (flash-attention style), bf16 storage, head_dim 64, tensor cores through
-// WMMA 16×16×16 with f32 accumulation. The (T, T) scores and probabilities live only in shared memory.
-// Every tensor is addressed as base + b·sb + head·sh + t·st (+ d), so the kernels read q, k, v and the
-// output gradient and write o, dq, dk, dv in the layouts the decoder block already has (no transposes).
-// Query head h reads KV head h / g. Shared tiles are padded (rows of 72 bf16, 68 / 36 f32) so the WMMA
-// loads and the lanes' walks over the score tiles do not collide in the banks.
-// Forward: one block per (64 query rows, head, batch), four warps of 16 rows; online softmax (running max
-// and sum in f32, rescaled output rows in registers); writes o and the rows' log-sum-exp.
-// Backward (FA2 order): delta = rowsum(o·do) first; then one block per (query head, batch, 64 key rows)
-// walks the 32-row query tiles that see those keys, recomputing P = exp(scale·q·kᵀ − lse): dv += Pᵀ·do,
-// dk += dSᵀ·q in the block's accumulators (added to f32 buffers at the end: the g query heads of a KV
-// head share them), dq += dS·k by atomic adds into f32. dS = P·(dP − delta)·scale with P in bf16.
-#include <mma.h>
-
+// Causal GQA attention in tiles (flash-attention 2 style), bf16 storage, head_dim 64, tensor cores through
+// mma.sync m16n8k16 with f32 accumulation. The (T, T) scores and probabilities never leave registers
+// except one 64 × 64 bf16 tile of dS per step of the backward (shared memory, for dq). Every tensor is
+// addressed as base + b·sb + head·sh + t·st (+ d), so the kernels read q, k, v and the output gradient
+// and write o, dq, dk, dv in the layouts the decoder block already has (no transposes). Query head h
+// reads KV head h / g. Shared tiles are (64, 72) bf16: rows padded to 144 bytes so the lanes' 32-bit
+// fragment loads and the ldmatrix rows fall in 32 distinct banks.
+// Register fragments (PTX ISA, mma.m16n8k16): lane = 4·gr + tg; A (16 × 16) holds rows gr, gr + 8 and
+// columns 2tg, 2tg + 1 (+ 8); B (16 × 8) rows 2tg, 2tg + 1 (+ 8) of column gr; C (16 × 8) rows gr, gr + 8
+// and columns 2tg, 2tg + 1. Two adjacent C tiles of a product are, packed to bf16, the A fragment of the
+// next product over the same 16 columns: scores become probabilities and feed P·V without a round trip.
+// Forward: one block per (64 query rows, head, batch), four warps of 16 rows; online softmax in base 2
+// (running max and sum in f32, output rows rescaled in registers); writes o and the rows' log-sum-exp.
+// Backward (FA2 order): delta = rowsum(o·do) first; then one block per (query head, batch, 64 keys), each
+// warp 16 keys, walks the 64-row query tiles that see those keys, recomputing Pᵀ = exp(scale·k·qᵀ − lse):
+// dv += Pᵀ·do and dk += dSᵀ·q in registers (added to f32 buffers at the end: the g query heads of a KV
+// head share them), dq += dS·k through shared dS and atomic adds into f32. dS = P·(dP − delta)·scale.
 namespace flash {
-using namespace nvcuda;
 typedef __nv_bfloat16 bf16;
 constexpr int D = 64;   // head_dim
-constexpr int LD = 72;  // padded row of a bf16 (rows, D) tile
-typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> FragA;
-typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> FragAt;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> FragB;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> FragBt;
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> FragC;
+constexpr int LD = 72;  // padded row of a bf16 (64, D) tile
+constexpr float LOG2E = 1.4426950408889634f;
 
 // `rows` rows of D bf16 from `src` (row r at src + (t0 + r)·st) into a (rows, LD) tile; zeros past t.
 __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *src, long long st, int t0, int rows, int t) {
@@ -533,40 +531,116 @@ __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *src, long long 
   }
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-  return v;
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&v);
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  return v;
+// c (16 × 8, f32) += a (16 × 16) · b (16 × 8), bf16 operands.
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// A warp's 16 × 16 f32 block (staged row-major in `stage`, ld 16) added to dst rows (row0 + i)·st + col0.
-__device__ __forceinline__ void add_block(float *dst, long long st, int row0, int col0, int t, const float *stage) {
+__device__ __forceinline__ uint32_t ld32(const bf16 *tile, int row, int col) {
+  return *reinterpret_cast<const uint32_t *>(tile + row * LD + col);
+}
+
+// The A fragment of rows r0 … r0 + 15, columns k0 … k0 + 15 of a row-major tile.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16 *tile, int r0, int k0) {
+  const int lane = threadIdx.x & 31, r = r0 + (lane >> 2), c = k0 + 2 * (lane & 3);
+  a[0] = ld32(tile, r, c);
+  a[1] = ld32(tile, r + 8, c);
+  a[2] = ld32(tile, r, c + 8);
+  a[3] = ld32(tile, r + 8, c + 8);
+}
+
+// The B fragment (k0 … k0 + 15) × (n0 … n0 + 7) of a tile stored with n as the row: b(k, n) = tile[n][k].
+__device__ __forceinline__ void load_b(uint32_t &b0, uint32_t &b1, const bf16 *tile, int n0, int k0) {
+  const int lane = threadIdx.x & 31, n = n0 + (lane >> 2), k = k0 + 2 * (lane & 3);
+  b0 = ld32(tile, n, k);
+  b1 = ld32(tile, n, k + 8);
+}
+
+// Four 8 × 8 bf16 matrices, transposed on the way (ldmatrix .trans); lane l gives the row address of
+// matrix l / 8, row l % 8.
+__device__ __forceinline__ void ldsm_t(uint32_t (&r)[4], const bf16 *row) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// The B fragments of columns n0 … n0 + 7 (b[0], b[1]) and n0 + 8 … n0 + 15 (b[2], b[3]) over rows
+// k0 … k0 + 15 of a tile stored with k as the row: b(k, n) = tile[k][n].
+__device__ __forceinline__ void load_b_t(uint32_t (&b)[4], const bf16 *tile, int k0, int n0) {
   const int lane = threadIdx.x & 31;
-  for (int e = lane; e < 256; e += 32)
-    if (row0 + e / 16 < t) atomicAdd(dst + (row0 + e / 16) * st + col0 + e % 16, stage[e]);
+  ldsm_t(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + n0 + (lane >> 4) * 8);
 }
 
-// out (16 × 16·N, f32, row stride ldo) = a · bᵀ for a warp's 16 rows `a` (fragments over D) and a
-// tile `b` of 16·N rows of D (row stride LD): scores, or score gradients, of 16 rows at once.
-template <int N>
-__device__ __forceinline__ void rows_times_tile_t(const FragA (&a)[D / 16], const bf16 *b, float *out, int ldo) {
+// The A fragment of rows r0 … r0 + 15, columns k0 … k0 + 15 of a tile stored transposed: a(r, k) =
+// tile[k][r].
+__device__ __forceinline__ void load_a_t(uint32_t (&a)[4], const bf16 *tile, int r0, int k0) {
+  const int lane = threadIdx.x & 31;
+  ldsm_t(a, tile + (k0 + (lane & 7) + (lane >> 4) * 8) * LD + r0 + ((lane >> 3) & 1) * 8);
+}
+
+// The A fragment of columns 16j … 16j + 15 of a warp's (16, 64) f32 accumulator tiles c[8], in bf16.
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[8][4], int j) {
+  a[0] = pack(c[2 * j][0], c[2 * j][1]);
+  a[1] = pack(c[2 * j][2], c[2 * j][3]);
+  a[2] = pack(c[2 * j + 1][0], c[2 * j + 1][1]);
+  a[3] = pack(c[2 * j + 1][2], c[2 * j + 1][3]);
+}
+
+// c (16 × 64) = a · bᵀ for rows r0 … r0 + 15 of a tile `a` and a tile `b` of 64 rows (both rows of D).
+__device__ __forceinline__ void rows_times_tile_t(float (&c)[8][4], const bf16 *a, int r0, const bf16 *b) {
 #pragma unroll
-  for (int n = 0; n < N; ++n) {
-    FragC c;
-    wmma::fill_fragment(c, 0.f);
+  for (int n = 0; n < 8; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      FragBt bt;
-      wmma::load_matrix_sync(bt, b + n * 16 * LD + kk * 16, LD);
-      wmma::mma_sync(c, a[kk], bt, c);
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t af[4];
+    load_a(af, a, r0, kk * 16);
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      uint32_t b0, b1;
+      load_b(b0, b1, b, n * 8, kk * 16);
+      mma(c[n], af, b0, b1);
     }
-    wmma::store_matrix_sync(out + n * 16, c, ldo, wmma::mem_row_major);
+  }
+}
+
+// acc (16 × D) += p (16 × 64, f32 accumulator tiles, rounded to bf16) · tile (64 rows of D, k as the row).
+__device__ __forceinline__ void acc_times_tile(float (&acc)[8][4], const float (&p)[8][4], const bf16 *tile) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t a[4];
+    c_to_a(a, p, kk);
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      uint32_t b[4];
+      load_b_t(b, tile, kk * 16, n * 16);
+      mma(acc[2 * n], a, b[0], b[1]);
+      mma(acc[2 * n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// A warp's (16, D) f32 accumulator tiles added into rows row0 … row0 + 15 (those < t) at dst + row·st.
+__device__ __forceinline__ void add_rows(float *dst, long long st, int row0, int t, const float (&c)[8][4]) {
+  const int lane = threadIdx.x & 31, gr = lane >> 2, tg = lane & 3;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + gr + 8 * hh;
+    if (row >= t) continue;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      atomicAdd(dst + row * st + n * 8 + 2 * tg, c[n][2 * hh]);
+      atomicAdd(dst + row * st + n * 8 + 2 * tg + 1, c[n][2 * hh + 1]);
+    }
   }
 }
 }  // namespace flash
@@ -577,109 +651,95 @@ extern "C" __global__ void __launch_bounds__(128)
                    long long ksb, long long ksh, long long kst, long long vsb, long long vsh, long long vst,
                    long long osb, long long osh, long long ost) {
   using namespace flash;
-  constexpr int LS = 68;  // padded row of a warp's f32 (16, 64) scores
-  __shared__ __align__(32) bf16 sk[64 * LD], sv[64 * LD];  // sv first holds the query tile
-  __shared__ __align__(32) float ss[4][16 * LS];
-  __shared__ __align__(32) bf16 sp[4][16 * LD];
+  __shared__ __align__(16) bf16 sq[64 * LD], sk[64 * LD], sv[64 * LD];
   const int q0 = blockIdx.x * 64, head = blockIdx.y, b = blockIdx.z, kvh = head / g;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tg = lane & 3;
   const int row0 = q0 + warp * 16;  // the warp's first query position
   const bf16 *kb = k + b * ksb + kvh * ksh, *vb = v + b * vsb + kvh * vsh;
-  load_tile(sv, q + b * qsb + head * qsh, qst, q0, 64, t);
-  __syncthreads();
-  FragA aq[D / 16];
+  load_tile(sq, q + b * qsb + head * qsh, qst, q0, 64, t);  // read by the first loop's barrier
+  // Scores in base 2: x = scale·log2(e)·q·k, p = 2^(x − m).
+  const float scale2 = scale * LOG2E;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[8][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(aq[kk], sv + warp * 16 * LD + kk * 16, LD);
-  // Lane (rr, qq) = (lane / 4, lane % 4) owns rows rr and rr + 8 of the warp's 16 and the columns
-  // 4c + qq: a row's four lanes reduce it in two shuffles, and the lanes of one access hit 32 banks.
-  const int rr = lane >> 2, qq = lane & 3;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[2][16];
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-    for (int c = 0; c < 16; ++c) acc[hh][c] = 0.f;
-  float *sw = ss[warp];
-  bf16 *pw = sp[warp];
+  for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
   for (int j0 = 0; j0 <= q0 + 63 && j0 < t; j0 += 64) {
-    __syncthreads();  // every warp is done with the previous K and V tiles (and with q)
+    __syncthreads();  // every warp is done with the previous K and V tiles
     load_tile(sk, kb, kst, j0, 64, t);
     load_tile(sv, vb, vst, j0, 64, t);
     __syncthreads();
     if (j0 > row0 + 15) continue;  // every key of this tile is after the warp's rows
-    rows_times_tile_t<4>(aq, sk, sw, LS);  // S (16 × 64) = q rows · kᵀ
-    __syncwarp();
+    float s[8][4];
+    rows_times_tile_t(s, sq, warp * 16, sk);  // S (16 × 64) = q rows · kᵀ
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const int r = rr + 8 * hh, row = row0 + r;
-      float s[16], mx = -INFINITY;
+      const int row = row0 + gr + 8 * hh;
+      float mx = -INFINITY;
 #pragma unroll
-      for (int c = 0; c < 16; ++c) {
-        const int col = j0 + 4 * c + qq;
-        s[c] = (col <= row && col < t) ? sw[r * LS + 4 * c + qq] * scale : -INFINITY;
-        mx = fmaxf(mx, s[c]);
-      }
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = j0 + n * 8 + 2 * tg + e;
+          const float x = (col <= row && col < t) ? s[n][2 * hh + e] * scale2 : -INFINITY;
+          s[n][2 * hh + e] = x;
+          mx = fmaxf(mx, x);
+        }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
       const float m_new = fmaxf(m[hh], mx);  // finite: key 0 is seen by every row
-      const float alpha = __expf(m[hh] - m_new);
+      const float alpha = exp2f(m[hh] - m_new);
       float sum = 0.f;
 #pragma unroll
-      for (int c = 0; c < 16; ++c) {
-        const float p = __expf(s[c] - m_new);
-        sum += p;
-        pw[r * LD + 4 * c + qq] = __float2bfloat16_rn(p);
-        acc[hh][c] *= alpha;
-      }
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p = exp2f(s[n][2 * hh + e] - m_new);
+          s[n][2 * hh + e] = p;
+          sum += p;
+          acc[n][2 * hh + e] *= alpha;
+        }
       sum += __shfl_xor_sync(0xffffffff, sum, 1);
       sum += __shfl_xor_sync(0xffffffff, sum, 2);
       l[hh] = l[hh] * alpha + sum;
       m[hh] = m_new;
     }
-    __syncwarp();
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n) {  // P (16 × 64) · v (64 × D), into the (now free) score rows
-      FragC c;
-      wmma::fill_fragment(c, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        FragA ap;
-        FragB bv;
-        wmma::load_matrix_sync(ap, pw + kk * 16, LD);
-        wmma::load_matrix_sync(bv, sv + kk * 16 * LD + n * 16, LD);
-        wmma::mma_sync(c, ap, bv, c);
-      }
-      wmma::store_matrix_sync(sw + n * 16, c, LS, wmma::mem_row_major);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-      for (int c = 0; c < 16; ++c) acc[hh][c] += sw[(rr + 8 * hh) * LS + 4 * c + qq];
-    __syncwarp();
+    acc_times_tile(acc, s, sv);  // O (16 × D) += P (16 × 64) · v (64 × D)
   }
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
-    const int row = row0 + rr + 8 * hh;
+    const int row = row0 + gr + 8 * hh;
     if (row >= t) continue;
     bf16 *orow = o + b * osb + head * osh + row * ost;
+    const float inv = 1.f / l[hh];
 #pragma unroll
-    for (int c = 0; c < 16; ++c) orow[4 * c + qq] = __float2bfloat16_rn(acc[hh][c] / l[hh]);
-    if (qq == 0) lse[((long long)b * h + head) * t + row] = m[hh] + __logf(l[hh]);
+    for (int n = 0; n < 8; ++n)
+      *reinterpret_cast<uint32_t *>(orow + n * 8 + 2 * tg) = pack(acc[n][2 * hh] * inv, acc[n][2 * hh + 1] * inv);
+    if (tg == 0) lse[((long long)b * h + head) * t + row] = (m[hh] + __log2f(l[hh])) / LOG2E;
   }
 }
 
-// delta[b, head, t] = Σ_d o·do, one warp per row (rows ordered b, head, t).
+// delta[b, head, t] = Σ_d o·do, eight lanes per row, one 16-byte vector each (rows ordered b, head, t).
 extern "C" __global__ void flash_delta_bf16(const __nv_bfloat16 *o, const __nv_bfloat16 *d_o, float *delta,
                                             int rows, int t, int h, long long osb, long long osh, long long ost,
                                             long long dsb, long long dsh, long long dst) {
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const int pos = row % t, head = (row / t) % h, b = row / (t * h);
-  const __nv_bfloat16 *orow = o + b * osb + head * osh + pos * ost, *drow = d_o + b * dsb + head * dsh + pos * dst;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const int row = (int)(i >> 3), part = (int)(i & 7);
   float s = 0.f;
-  for (int c = lane; c < flash::D; c += 32) s += to_f(orow[c]) * to_f(drow[c]);
-  s = flash::warp_sum(s);
-  if (lane == 0) delta[row] = s;
+  if (row < rows) {
+    const int pos = row % t, head = (row / t) % h, b = row / (t * h);
+    const uint4 ov = *reinterpret_cast<const uint4 *>(o + b * osb + head * osh + pos * ost + part * 8);
+    const uint4 dv = *reinterpret_cast<const uint4 *>(d_o + b * dsb + head * dsh + pos * dst + part * 8);
+    const __nv_bfloat162 *op = reinterpret_cast<const __nv_bfloat162 *>(&ov);
+    const __nv_bfloat162 *dp = reinterpret_cast<const __nv_bfloat162 *>(&dv);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 a = __bfloat1622float2(op[j]), c = __bfloat1622float2(dp[j]);
+      s += a.x * c.x + a.y * c.y;
+    }
+  }
+  s += __shfl_xor_sync(0xffffffff, s, 1);
+  s += __shfl_xor_sync(0xffffffff, s, 2);
+  s += __shfl_xor_sync(0xffffffff, s, 4);
+  if (row < rows && part == 0) delta[row] = s;
 }
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -691,109 +751,74 @@ extern "C" __global__ void __launch_bounds__(128)
                    long long dksb, long long dksh, long long dkst, long long dvsb, long long dvsh,
                    long long dvst) {
   using namespace flash;
-  constexpr int LS = 36, LP = 40;  // padded rows: a warp's f32 (16, 32) block, bf16 (·, 32) tiles
-  __shared__ __align__(32) bf16 sk[64 * LD], sv[64 * LD], sq[32 * LD], sdo[32 * LD];
-  __shared__ __align__(32) float ss[4][16 * LS];
-  __shared__ __align__(32) bf16 sp[4][16 * LP];
-  __shared__ __align__(32) bf16 sds[64 * LP];  // dSᵀ: key rows × query columns
+  __shared__ __align__(16) bf16 sk[64 * LD], sv[64 * LD], sq[64 * LD], sdo[64 * LD], sds[64 * LD];  // sds: dSᵀ
+  __shared__ float slse[64], sdelta[64];
   // Key tiles vary slowest in the grid: the first (the most query tiles to walk) are dispatched first.
   const int j0 = blockIdx.z * 64, head = blockIdx.x, b = blockIdx.y, kvh = head / g;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int key0 = j0 + warp * 16;  // the warp's first key; each lane owns query column lane of a tile
-  load_tile(sk, k + b * ksb + kvh * ksh, kst, j0, 64, t);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tg = lane & 3;
+  const int key0 = j0 + warp * 16;  // the warp's first key
+  load_tile(sk, k + b * ksb + kvh * ksh, kst, j0, 64, t);  // read after the first loop's barrier
   load_tile(sv, v + b * vsb + kvh * vsh, vst, j0, 64, t);
-  __syncthreads();
-  FragA ak[D / 16], av[D / 16];
+  float dk_acc[8][4], dv_acc[8][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    wmma::load_matrix_sync(ak[kk], sk + warp * 16 * LD + kk * 16, LD);
-    wmma::load_matrix_sync(av[kk], sv + warp * 16 * LD + kk * 16, LD);
-  }
-  FragC dkacc[D / 16], dvacc[D / 16];
+  for (int n = 0; n < 8; ++n)
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) {
-    wmma::fill_fragment(dkacc[n], 0.f);
-    wmma::fill_fragment(dvacc[n], 0.f);
-  }
-  float *sw = ss[warp];
-  bf16 *pw = sp[warp];
+    for (int e = 0; e < 4; ++e) dk_acc[n][e] = dv_acc[n][e] = 0.f;
   const bf16 *qb = q + b * qsb + head * qsh, *dob = d_o + b * dosb + head * dosh;
   const float *lse_b = lse + ((long long)b * h + head) * t, *delta_b = delta + ((long long)b * h + head) * t;
   float *dqb = dq + b * dqsb + head * dqsh;
-  for (int q0 = j0; q0 < t; q0 += 32) {  // the query tiles that see these keys (position ≥ key)
-    __syncthreads();  // the previous tile's readers of sq, sdo and sds are done
-    load_tile(sq, qb, qst, q0, 32, t);
-    load_tile(sdo, dob, dost, q0, 32, t);
+  const float scale2 = scale * LOG2E;
+  for (int q0 = j0; q0 < t; q0 += 64) {  // the query tiles that see these keys (position ≥ key)
+    __syncthreads();  // the previous tile's readers of sq, sdo, sds and the row statistics are done
+    load_tile(sq, qb, qst, q0, 64, t);
+    load_tile(sdo, dob, dost, q0, 64, t);
+    if (threadIdx.x < 64) {
+      const int qi = q0 + threadIdx.x;
+      slse[threadIdx.x] = qi < t ? lse_b[qi] * LOG2E : 0.f;
+      sdelta[threadIdx.x] = qi < t ? delta_b[qi] : 0.f;
+    }
     __syncthreads();
-    rows_times_tile_t<2>(ak, sq, sw, LS);  // Sᵀ (16 keys × 32 queries) = k rows · qᵀ
-    __syncwarp();
-    const int qi = q0 + lane;
-    const float lse_i = qi < t ? lse_b[qi] : 0.f, delta_i = qi < t ? delta_b[qi] : 0.f;
+    float p[8][4], ds[8][4];
+    rows_times_tile_t(p, sk, warp * 16, sq);  // Sᵀ (16 keys × 64 queries) = k rows · qᵀ
 #pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      const bool seen = key0 + r <= qi && qi < t;
-      pw[r * LP + lane] = __float2bfloat16_rn(seen ? __expf(sw[r * LS + lane] * scale - lse_i) : 0.f);
-    }
-    __syncwarp();
+    for (int n = 0; n < 8; ++n)
 #pragma unroll
-    for (int n = 0; n < D / 16; ++n)  // dv += Pᵀ (16 × 32) · do (32 × D)
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
-        FragA ap;
-        FragB bdo;
-        wmma::load_matrix_sync(ap, pw + kk * 16, LP);
-        wmma::load_matrix_sync(bdo, sdo + kk * 16 * LD + n * 16, LD);
-        wmma::mma_sync(dvacc[n], ap, bdo, dvacc[n]);
+      for (int e = 0; e < 4; ++e) {
+        const int c = n * 8 + 2 * tg + (e & 1), key = key0 + gr + 8 * (e >> 1), qi = q0 + c;
+        p[n][e] = (key <= qi && qi < t) ? exp2f(p[n][e] * scale2 - slse[c]) : 0.f;
       }
-    rows_times_tile_t<2>(av, sdo, sw, LS);  // dPᵀ (16 × 32) = v rows · doᵀ
-    __syncwarp();
+    acc_times_tile(dv_acc, p, sdo);  // dv += Pᵀ (16 × 64) · do (64 × D)
+    rows_times_tile_t(ds, sv, warp * 16, sdo);  // dPᵀ (16 × 64) = v rows · doᵀ
 #pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      const float p = __bfloat162float(pw[r * LP + lane]);
-      sds[(warp * 16 + r) * LP + lane] = __float2bfloat16_rn(p == 0.f ? 0.f : p * (sw[r * LS + lane] - delta_i) * scale);
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[n][e] = p[n][e] * (ds[n][e] - sdelta[n * 8 + 2 * tg + (e & 1)]) * scale;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        *reinterpret_cast<uint32_t *>(sds + (warp * 16 + gr + 8 * hh) * LD + n * 8 + 2 * tg) =
+            pack(ds[n][2 * hh], ds[n][2 * hh + 1]);
     }
-    __syncthreads();  // all of dSᵀ is written
+    acc_times_tile(dk_acc, ds, sq);  // dk += dSᵀ (16 × 64) · q (64 × D)
+    __syncthreads();                 // all of dSᵀ is in sds
+    // dq (64 × D) += dS (64 queries × 64 keys) · k (64 × D): warp w owns query rows 16w … 16w + 15.
+    float dq_acc[8][4];
 #pragma unroll
-    for (int n = 0; n < D / 16; ++n)  // dk += dSᵀ (16 × 32) · q (32 × D)
+    for (int n = 0; n < 8; ++n) dq_acc[n][0] = dq_acc[n][1] = dq_acc[n][2] = dq_acc[n][3] = 0.f;
 #pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
-        FragA ads;
-        FragB bq;
-        wmma::load_matrix_sync(ads, sds + warp * 16 * LP + kk * 16, LP);
-        wmma::load_matrix_sync(bq, sq + kk * 16 * LD + n * 16, LD);
-        wmma::mma_sync(dkacc[n], ads, bq, dkacc[n]);
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      load_a_t(a, sds, warp * 16, kk * 16);
+#pragma unroll
+      for (int n = 0; n < D / 16; ++n) {
+        uint32_t bk[4];
+        load_b_t(bk, sk, kk * 16, n * 16);
+        mma(dq_acc[2 * n], a, bk[0], bk[1]);
+        mma(dq_acc[2 * n + 1], a, bk[2], bk[3]);
       }
-    // dq (32 × D) += dS (32 × 64 keys) · k (64 × D): warp w owns query rows (w / 2)·16 … +16 and columns
-    // (w % 2)·32 … +32, two 16 × 16 blocks.
-#pragma unroll
-    for (int nn = 0; nn < 2; ++nn) {
-      const int n = (warp & 1) * 2 + nn;
-      FragC c;
-      wmma::fill_fragment(c, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        FragAt ads;
-        FragB bk;
-        wmma::load_matrix_sync(ads, sds + kk * 16 * LP + (warp >> 1) * 16, LP);
-        wmma::load_matrix_sync(bk, sk + kk * 16 * LD + n * 16, LD);
-        wmma::mma_sync(c, ads, bk, c);
-      }
-      wmma::store_matrix_sync(sw, c, 16, wmma::mem_row_major);
-      __syncwarp();
-      add_block(dqb, dqst, q0 + (warp >> 1) * 16, n * 16, t, sw);
-      __syncwarp();
     }
+    add_rows(dqb, dqst, q0 + warp * 16, t, dq_acc);
   }
   // This head's share of dk and dv (the g heads of a KV head add into the same f32 rows).
-#pragma unroll
-  for (int n = 0; n < D / 16; ++n) {
-    wmma::store_matrix_sync(sw, dkacc[n], 16, wmma::mem_row_major);
-    __syncwarp();
-    add_block(dk + b * dksb + kvh * dksh, dkst, key0, n * 16, t, sw);
-    __syncwarp();
-    wmma::store_matrix_sync(sw, dvacc[n], 16, wmma::mem_row_major);
-    __syncwarp();
-    add_block(dv + b * dvsb + kvh * dvsh, dvst, key0, n * 16, t, sw);
-    __syncwarp();
-  }
+  add_rows(dk + b * dksb + kvh * dksh, dkst, key0, t, dk_acc);
+  add_rows(dv + b * dvsb + kvh * dvsh, dvst, key0, t, dv_acc);
 }

@@ -382,8 +382,8 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         });
     }
     // The tiled attention (bf16, head_dim 64) against its f64 CPU twin on the same bf16 inputs: o, the
-    // log-sum-exps, dq, dk, dv — GQA over partial 64-position tiles (T 200), and one whole tile.
-    for (b, h, kv, t) in [(2, 8, 2, 200), (1, 4, 4, 64)] {
+    // log-sum-exps, dq, dk, dv — GQA over partial 64-position tiles (T 200, 300), and one whole tile.
+    for (b, h, kv, t) in [(2, 8, 2, 200), (1, 4, 4, 64), (1, 8, 2, 300)] {
         let bf = |shape: &[usize], seed| -> Result<Tensor> { Ok(randn(shape, seed, 1.0)?.to_dtype(DType::BF16)?) };
         let d = fused::flash::HEAD_DIM;
         let inputs = [

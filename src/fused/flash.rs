@@ -269,8 +269,9 @@ mod cuda {
         let op = "flash attention";
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let dev = cuda_device(&q)?;
-        let o = Tensor::zeros((s.b, s.t, s.h, s.d), DType::BF16, q.device())?;
-        let lse = Tensor::zeros((s.b, s.h, s.t), DType::F32, q.device())?;
+        // SAFETY: the kernel writes every row of o and every log-sum-exp.
+        let o = unsafe { Tensor::empty((s.b, s.t, s.h, s.d), DType::BF16, q.device())? };
+        let lse = unsafe { Tensor::empty((s.b, s.h, s.t), DType::F32, q.device())? };
         let p = ptrs([&q, &k, &v, &o, &lse], op)?;
         let args: Vec<Arg> = p
             .map(Arg::Ptr)
@@ -301,7 +302,8 @@ mod cuda {
         );
         let dev = cuda_device(&q)?;
         let rows = s.b * s.h * s.t;
-        let delta = Tensor::zeros(rows, DType::F32, q.device())?;
+        // SAFETY: the delta kernel writes every row's sum.
+        let delta = unsafe { Tensor::empty(rows, DType::F32, q.device())? };
         let dq = Tensor::zeros(q.dims(), DType::F32, q.device())?;
         // f32 sums: the query heads of a KV head (one block each) add their shares of dk and dv.
         let dk = Tensor::zeros(k.dims(), DType::F32, q.device())?;
@@ -314,10 +316,10 @@ mod cuda {
             .chain([Arg::I32(rows as i32), Arg::I32(s.t as i32), Arg::I32(s.h as i32)])
             .chain([s.o, s.o].into_iter().flat_map(strides))
             .collect();
-        let warps_per_block = 8;
+        // Eight lanes per row (one 16-byte vector of o and of do each).
         let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(warps_per_block) as u32, 1, 1),
-            block_dim: (32 * warps_per_block as u32, 1, 1),
+            grid_dim: ((rows * 8).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         launch(&dev, "flash_delta_bf16", cfg, &delta_args)?;
