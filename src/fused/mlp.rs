@@ -3,9 +3,9 @@
 //! As three fused linears and a fused SwiGLU it is four nodes, and candle's backward zero-fills and adds
 //! a gradient buffer for every input of every node (the `(rows, intermediate)` ones are the large
 //! ones); it also keeps `silu(gate)·up` alive for the down projection's weight gradient. Here the
-//! backward recomputes that product from `gate` and `up` (one elementwise pass), adds the three weight
-//! gradients into their step accumulators (`acc += gradᵀ · input`, as `fused::linear`) and returns
-//! `∂L/∂m` — the same arithmetic, kernel by kernel, as the four-node version.
+//! SwiGLU backward pass writes that product again beside `∂gate` and `∂up`, the backward adds the three
+//! weight gradients into their step accumulators (`acc += gradᵀ · input`, as `fused::linear`) and
+//! returns `∂L/∂m` — the same arithmetic, kernel by kernel, as the four-node version.
 
 use candle_core::{Result, Tensor, D};
 
@@ -73,10 +73,9 @@ pub(super) fn mlp_backward(
     grad: &Tensor,
 ) -> Result<Tensor> {
     let (m, grad) = (m.detach(), grad.detach().contiguous()?);
-    let act = swiglu(gate, up)?;
+    let (d_gate, d_up, act) = swiglu_backward(gate, up, &grad.matmul(w_down)?)?;
     add_product_into(acc_down, &grad, &act)?;
     overlap::accumulated(acc_down)?;
-    let (d_gate, d_up) = swiglu_backward(gate, up, &grad.matmul(w_down)?)?;
     add_product_into(acc_gate, &d_gate, &m)?;
     overlap::accumulated(acc_gate)?;
     add_product_into(acc_up, &d_up, &m)?;
