@@ -58,9 +58,12 @@ __device__ void rms_norm_fwd(const float *x, const float *w, TOUT *y, int d, flo
 }
 
 // Backward, per row: dx = inv · (gw − x̂ · mean(gw · x̂)) with gw = gy · w, x̂ = x · inv; writes `inv`.
+// Where x is also the input of a residual connection (the decoder block), `res` (else null) is that
+// connection's gradient, added to dx, and `dx_copy` (else null) receives dx in bf16 for the next
+// projection's backward: the add and the cast would each be one more pass over the rows.
 template <typename TG>
-__device__ void rms_norm_bwd_dx(const float *x, const float *w, const TG *gy, float *dx, float *inv_out, int d,
-                                float eps) {
+__device__ void rms_norm_bwd_dx(const float *x, const float *w, const TG *gy, const float *res, float *dx,
+                                __nv_bfloat16 *dx_copy, float *inv_out, int d, float eps) {
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
   const float *xr = x + row * d;
@@ -71,7 +74,12 @@ __device__ void rms_norm_bwd_dx(const float *x, const float *w, const TG *gy, fl
   float dot = 0.f;
   for (int i = threadIdx.x; i < d; i += blockDim.x) dot += to_f(gr[i]) * w[i] * xr[i];
   const float mean_dot = block_sum(dot, scratch) * inv * inv / d;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) dx[row * d + i] = inv * (to_f(gr[i]) * w[i] - xr[i] * mean_dot);
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    float v = inv * (to_f(gr[i]) * w[i] - xr[i] * mean_dot);
+    if (res) v += res[row * d + i];
+    dx[row * d + i] = v;
+    if (dx_copy) dx_copy[row * d + i] = __float2bfloat16_rn(v);
+  }
   if (threadIdx.x == 0) inv_out[row] = inv;
 }
 
@@ -454,9 +462,9 @@ extern "C" __global__ void grid_counts_f32(const float *x, const float *scale, u
   extern "C" __global__ void rms_norm_fwd_##SUF(const float *x, const float *w, T *y, int d, float eps) {       \
     rms_norm_fwd<T>(x, w, y, d, eps);                                                                            \
   }                                                                                                              \
-  extern "C" __global__ void rms_norm_bwd_dx_##SUF(const float *x, const float *w, const T *gy, float *dx,      \
-                                                   float *inv, int d, float eps) {                               \
-    rms_norm_bwd_dx<T>(x, w, gy, dx, inv, d, eps);                                                               \
+  extern "C" __global__ void rms_norm_bwd_dx_##SUF(const float *x, const float *w, const T *gy, const float *r,  \
+                                                   float *dx, __nv_bfloat16 *dxc, float *inv, int d, float eps) { \
+    rms_norm_bwd_dx<T>(x, w, gy, r, dx, dxc, inv, d, eps);                                                       \
   }                                                                                                              \
   extern "C" __global__ void rms_norm_bwd_dw_##SUF(const float *x, const T *gy, const float *inv, float *part,  \
                                                    int n, int d, int chunk) {                                    \

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use super::linear::{add_product_into, sum_of_products};
 use super::mlp::{mlp_backward, mlp_forward};
-use super::rms_norm::{rms_norm, rms_norm_backward};
+use super::rms_norm::{rms_norm, rms_norm_backward_with_residual};
 use super::rope::{rope, rope_backward};
 use super::softmax::{attend, attention_scale, per_kv_head};
 use super::{flash, node3, residual, softmax, Backward3};
@@ -124,8 +124,9 @@ impl Backward3 for DecoderBlock {
     }
 
     /// The composed graph's backward, node by node: the MLP (its three weight gradients), the
-    /// post-attention norm, the residual; o_proj, the attention, RoPE⁻¹ on dq and dk, the q/k/v weight
-    /// gradients, the input norm, the residual.
+    /// post-attention norm with the residual's gradient added (and its compute copy for o_proj) in the
+    /// same pass; o_proj, the attention, RoPE⁻¹ on dq and dk, the q/k/v weight gradients, the input norm
+    /// with the residual added.
     fn bwd(&self, [_x, g_in, g_post]: [&Tensor; 3], grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
         let s = self
             .saved
@@ -150,10 +151,15 @@ impl Backward3 for DecoderBlock {
             [a_gate, a_up, a_down],
             &dz,
         )?;
-        let (dx1_norm, dg_post) = rms_norm_backward(&s.x1, &g_post.detach(), &dm.reshape((b, t, d))?, spec.eps)?;
-        let dx1 = (&grad + dx1_norm)?;
-
-        let dy = dx1.reshape((rows, d))?.to_dtype(spec.compute)?;
+        let (dx1, dy, dg_post) = rms_norm_backward_with_residual(
+            &s.x1,
+            &g_post.detach(),
+            &dm.reshape((b, t, d))?,
+            Some(&grad),
+            spec.eps,
+            spec.compute,
+        )?;
+        let dy = dy.reshape((rows, d))?;
         add_product_into(ao, &dy, &s.o)?;
         overlap::accumulated(ao)?;
         let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &dy.matmul(wo)?)?;
@@ -165,8 +171,15 @@ impl Backward3 for DecoderBlock {
             overlap::accumulated(acc)?;
         }
         let da = sum_of_products(&[(&dq, wq), (&dk, wk), (&dv, wv)])?;
-        let (dx_norm, dg_in) = rms_norm_backward(&s.x, &g_in.detach(), &da.reshape((b, t, d))?, spec.eps)?;
-        Ok([Some((dx1 + dx_norm)?), Some(dg_in), Some(dg_post)])
+        let (dx, _, dg_in) = rms_norm_backward_with_residual(
+            &s.x,
+            &g_in.detach(),
+            &da.reshape((b, t, d))?,
+            Some(&dx1),
+            spec.eps,
+            s.x.dtype(),
+        )?;
+        Ok([Some(dx), Some(dg_in), Some(dg_post)])
     }
 }
 

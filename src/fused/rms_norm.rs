@@ -18,20 +18,66 @@ struct RmsNorm {
 
 /// `(∂L/∂x, ∂L/∂w)` of `rms_norm(x, w, eps, _)` from `gy` (no autograd): dx in x's dtype, dw in w's.
 pub(super) fn rms_norm_backward(x: &Tensor, w: &Tensor, gy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let (n, d) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
-    let packed = x
-        .contiguous()?
-        .apply_op3_no_bwd(&w.contiguous()?, &gy.contiguous()?, &RmsNormBwd { eps })?;
-    let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-    let chunks = packed.dim(0)? - n;
-    let dw = packed.narrow(0, n, chunks)?.sum(0)?.reshape(d)?.to_dtype(w.dtype())?;
+    let (dx, _, dw) = rms_norm_backward_with_residual(x, w, gy, None, eps, x.dtype())?;
     Ok((dx, dw))
 }
 
-/// Backward: `(x, w, gy)` → one `(n + chunks, d)` buffer: dx in the first n rows, partial sums of dw in
-/// the last `chunks` rows (summed in a fixed order afterwards: deterministic).
+/// The gradient at an `x` that feeds both `rms_norm(x, w, eps, _)` (output gradient `gy`) and a residual
+/// connection (gradient `res`, x's shape and dtype): `(res + ∂L/∂x, that sum in the `copy` dtype, ∂L/∂w)`,
+/// no autograd. On CUDA the add and a bf16 copy are written by the norm's own backward pass.
+pub(super) fn rms_norm_backward_with_residual(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    res: Option<&Tensor>,
+    eps: f64,
+    copy: DType,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, d) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
+    let res = match res {
+        Some(r) if r.dims() != x.dims() || r.dtype() != x.dtype() => candle_core::bail!(
+            "rms norm backward: residual gradient {:?} {:?} for x {:?} {:?}",
+            r.dims(),
+            r.dtype(),
+            x.dims(),
+            x.dtype()
+        ),
+        Some(r) => Some(r.detach().contiguous()?),
+        None => None,
+    };
+    let written_copy = if copy == DType::BF16 && x.device().is_cuda() {
+        // SAFETY: the dx kernel writes every element of the copy.
+        Some(unsafe { Tensor::empty(x.shape(), DType::BF16, x.device())? })
+    } else {
+        None
+    };
+    let op = RmsNormBwd {
+        eps,
+        res,
+        copy: written_copy.clone(),
+    };
+    let packed = x
+        .contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &gy.contiguous()?, &op)?;
+    let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+    let chunks = packed.dim(0)? - n;
+    let dw = packed.narrow(0, n, chunks)?.sum(0)?.reshape(d)?.to_dtype(w.dtype())?;
+    let copy = match written_copy {
+        Some(c) => c,
+        None => dx.to_dtype(copy)?,
+    };
+    Ok((dx, copy, dw))
+}
+
+/// Backward: `(x, w, gy)` → one `(n + chunks, d)` buffer: dx (plus the residual gradient `res`) in the
+/// first n rows, partial sums of dw in the last `chunks` rows (summed in a fixed order afterwards:
+/// deterministic); on CUDA also dx in bf16 into `copy`.
 struct RmsNormBwd {
     eps: f64,
+    res: Option<Tensor>,
+    /// Written by the CUDA kernel only (the CPU caller casts dx).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    copy: Option<Tensor>,
 }
 
 /// `1 / sqrt(mean(x²) + eps)` of one row, the mean kept as the kernel keeps it.
@@ -117,13 +163,17 @@ impl CustomOp3 for RmsNormBwd {
         let op = self.name();
         let (x, w, gy) = (host_f64(xs, xl, op)?, host_f64(ws, wl, op)?, host_f64(gs, gl, op)?);
         let (n, d) = rows_and_width(xl)?;
+        let res = match &self.res {
+            Some(r) => r.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            None => vec![0.0; n * d],
+        };
         let mut packed = Vec::with_capacity((n + 1) * d);
         let mut dw = vec![0.0; d];
-        for (row, grow) in x.chunks(d).zip(gy.chunks(d)) {
+        for ((row, grow), rrow) in x.chunks(d).zip(gy.chunks(d)).zip(res.chunks(d)) {
             let inv = inv_rms(row, self.eps, xs.dtype());
             let dot = as_kernel_stat((0..d).map(|i| grow[i] * w[i] * row[i]).sum(), xs.dtype());
             let mean_dot = dot * inv * inv / d as f64;
-            packed.extend((0..d).map(|i| inv * (grow[i] * w[i] - row[i] * mean_dot)));
+            packed.extend((0..d).map(|i| inv * (grow[i] * w[i] - row[i] * mean_dot) + rrow[i]));
             (0..d).for_each(|i| dw[i] += grow[i] * row[i] * inv);
         }
         packed.extend(dw);
@@ -151,7 +201,10 @@ impl CustomOp3 for RmsNormBwd {
         let (_inv_buf, inv) = cuda::alloc(dev, DType::F32, n, op)?;
         let part = dx + (n * d * 4) as u64;
         let suffix = cuda::suffix(gs.dtype(), op)?;
-        let args = [x, w, gy, dx, inv].map(Arg::Ptr);
+        // Null where absent: the kernel adds no residual gradient, writes no copy.
+        let optional = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), |t| cuda::tensor_ptr(t, op));
+        let (res, copy) = (optional(&self.res)?, optional(&self.copy)?);
+        let args = [x, w, gy, res, dx, copy, inv].map(Arg::Ptr);
         let args: Vec<Arg> = args
             .into_iter()
             .chain([Arg::I32(d as i32), Arg::F32(self.eps as f32)])
