@@ -8,7 +8,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck disable=SC1091
 source "$here/device-env.sh"
 mkdir -p "$out"
-/usr/local/cuda/bin/ncu --metrics gpu__time_duration.sum --csv --print-units base \
+# --clock-control none: the GPU's own clocks (ncu's default locks them at base, which read the GEMMs
+# ~25 % slower than they run).
+/usr/local/cuda/bin/ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
   "$bin" bench --tokenizer "$assets/llama3.2-tokenizer.json" --micro-batch ${MB:-4} --global-batch ${MB:-4} --steps 0 "$@" \
   > "$out/ncu.csv" 2> "$out/ncu.err" || { tail -5 "$out/ncu.err"; exit 1; }
 python3 - "$out/ncu.csv" <<'PY'
