@@ -625,19 +625,25 @@ __device__ __forceinline__ void rows_times_tile_t(float (&c)[8][4], const bf16 *
   }
 }
 
+// acc (16 × D) += a (16 × 16: columns 16kk … 16kk + 15 of a product) · rows 16kk … of a tile of D columns
+// (k as the row).
+__device__ __forceinline__ void add_a_times_rows(float (&acc)[8][4], const uint32_t (&a)[4], const bf16 *tile, int kk) {
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) {
+    uint32_t b[4];
+    load_b_t(b, tile, kk * 16, n * 16);
+    mma(acc[2 * n], a, b[0], b[1]);
+    mma(acc[2 * n + 1], a, b[2], b[3]);
+  }
+}
+
 // acc (16 × D) += p (16 × 64, f32 accumulator tiles, rounded to bf16) · tile (64 rows of D, k as the row).
 __device__ __forceinline__ void acc_times_tile(float (&acc)[8][4], const float (&p)[8][4], const bf16 *tile) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     uint32_t a[4];
     c_to_a(a, p, kk);
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n) {
-      uint32_t b[4];
-      load_b_t(b, tile, kk * 16, n * 16);
-      mma(acc[2 * n], a, b[0], b[1]);
-      mma(acc[2 * n + 1], a, b[2], b[3]);
-    }
+    add_a_times_rows(acc, a, tile, kk);
   }
 }
 
@@ -820,13 +826,7 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4];
       load_a_t(a, sds, warp * 16, kk * 16);
-#pragma unroll
-      for (int n = 0; n < D / 16; ++n) {
-        uint32_t bk[4];
-        load_b_t(bk, sk, kk * 16, n * 16);
-        mma(dq_acc[2 * n], a, bk[0], bk[1]);
-        mma(dq_acc[2 * n + 1], a, bk[2], bk[3]);
-      }
+      add_a_times_rows(dq_acc, a, sk, kk);
     }
     add_rows(dqb, dqst, q0 + warp * 16, t, dq_acc);
   }
