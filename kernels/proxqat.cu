@@ -204,7 +204,8 @@ template <typename T>
 __device__ void swiglu_bwd(const T *gate, const T *up, const T *gout, T *grads, size_t n) {
   const size_t first = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
   size_t done = 0;
-  if ((addr(gate) | addr(up) | addr(gout) | addr(grads) | addr(grads + n)) % sizeof(Four<T>) == 0) {  // n % 4 == 0
+  if ((addr(gate) | addr(up) | addr(gout) | addr(grads) | addr(grads + n)) % sizeof(Four<T>) == 0) {
+    // grads and grads + n aligned: n % 4 == 0, so grads + 2n (the forward's out) is aligned too.
     const Four<T> *g4 = reinterpret_cast<const Four<T> *>(gate), *u4 = reinterpret_cast<const Four<T> *>(up),
                   *o4 = reinterpret_cast<const Four<T> *>(gout);
     for (size_t i = first; i < n / 4; i += stride) {
