@@ -30,6 +30,9 @@ pub struct BenchResult {
     pub ms_forward: f64,
     pub ms_backward: f64,
     pub ms_micro_step: f64,
+    /// Of `ms_forward` and `ms_backward`, the host's time before it waited for the device.
+    pub ms_forward_host: f64,
+    pub ms_backward_host: f64,
     pub ms_rank_wait: f64,
     pub ms_all_reduce: f64,
     pub ms_clip_sync: f64,
@@ -164,6 +167,7 @@ pub fn run(a: &BenchArgs) -> Result<Option<BenchResult>> {
     }
     let accum = (a.global_batch / a.micro_batch / a.devices) as f64;
     let per_step = |k: &str| 1e3 * p.seconds.get(k).copied().unwrap_or(0.0);
+    let host = |k: &str| 1e3 * p.host_seconds.get(k).copied().unwrap_or(0.0);
     let tokens = (a.global_batch * a.seq) as f64;
     let flops = 6.0 * cfg_model.num_params() as f64 * tokens;
     Ok(Some(BenchResult {
@@ -175,6 +179,8 @@ pub fn run(a: &BenchArgs) -> Result<Option<BenchResult>> {
         ms_forward: per_step("forward") / accum,
         ms_backward: per_step("backward") / accum,
         ms_micro_step: (per_step("forward") + per_step("backward")) / accum,
+        ms_forward_host: host("forward") / accum,
+        ms_backward_host: host("backward") / accum,
         ms_all_reduce: per_step("all-reduce"),
         ms_rank_wait: per_step("rank wait"),
         ms_clip_sync: per_step("clip+sync"),

@@ -113,6 +113,10 @@ pub struct Trainer {
 #[derive(Debug, Default)]
 pub struct Profile {
     pub seconds: BTreeMap<&'static str, f64>,
+    /// The part of each phase's time the host spent before it waited for the device (tokenizing,
+    /// building the graph, launching): a phase whose host time is close to its wall time keeps the GPU
+    /// waiting.
+    pub host_seconds: BTreeMap<&'static str, f64>,
     pub peak_bytes: usize,
     last: Option<std::time::Instant>,
 }
@@ -445,10 +449,12 @@ impl Trainer {
     /// Profiling only: wait for the device, charge the time since the last mark to `phase`.
     pub fn mark(&mut self, phase: &'static str) -> Result<()> {
         if let Some(p) = &mut self.profile {
+            let enqueued = std::time::Instant::now();
             self.model.device.synchronize()?;
             let now = std::time::Instant::now();
             if let Some(last) = p.last {
                 *p.seconds.entry(phase).or_default() += (now - last).as_secs_f64();
+                *p.host_seconds.entry(phase).or_default() += (enqueued - last).as_secs_f64();
             }
             p.last = Some(now);
             let used = device_used_bytes(&self.model.device).unwrap_or(0);
