@@ -13,6 +13,66 @@ template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// Wide accesses: N elements (4, or 16 bytes' worth) per load or store where the pointers allow it (fresh
+// allocations and rows of a multiple of N elements do); the scalar loops stay for the rest. Element-wise
+// kernels with 2-byte accesses reached a third of the H200's memory bandwidth (ncu).
+template <typename T> struct alignas(4 * sizeof(T)) Four {
+  T v[4];
+};
+
+template <typename T> struct alignas(16) Vec16 {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+__device__ inline uintptr_t addr(const void *p) { return reinterpret_cast<uintptr_t>(p); }
+
+// Elements 4i … 4i + 3 of p (aligned to Four<T>) as f32, and back.
+template <typename T> __device__ __forceinline__ void load4(const T *p, int i, float (&o)[4]) {
+  const Four<T> f = reinterpret_cast<const Four<T> *>(p)[i];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) o[k] = to_f(f.v[k]);
+}
+
+template <typename T> __device__ __forceinline__ void store4(T *p, int i, const float (&o)[4]) {
+  Four<T> f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) f.v[k] = from_f<T>(o[k]);
+  reinterpret_cast<Four<T> *>(p)[i] = f;
+}
+
+template <typename T> __device__ __forceinline__ bool aligned4(const T *p) { return addr(p) % sizeof(Four<T>) == 0; }
+
+// A row's elements f(j, value), block-strided, as 16-byte vectors when the row allows it.
+template <typename T, typename F> __device__ __forceinline__ void for_row(const T *row, int n, F f) {
+  constexpr int W = Vec16<T>::N;
+  if (addr(row) % 16 == 0 && n % W == 0) {
+    for (int i = threadIdx.x; i < n / W; i += blockDim.x) {
+      const Vec16<T> x = reinterpret_cast<const Vec16<T> *>(row)[i];
+#pragma unroll
+      for (int k = 0; k < W; ++k) f(i * W + k, to_f(x.v[k]));
+    }
+  } else {
+    for (int j = threadIdx.x; j < n; j += blockDim.x) f(j, to_f(row[j]));
+  }
+}
+
+// out[j] = g(j, in[j]) over a row, vectorized as `for_row` when both rows allow it.
+template <typename T, typename G> __device__ __forceinline__ void map_row(const T *in, T *out, int n, G g) {
+  constexpr int W = Vec16<T>::N;
+  if ((addr(in) | addr(out)) % 16 == 0 && n % W == 0) {
+    for (int i = threadIdx.x; i < n / W; i += blockDim.x) {
+      const Vec16<T> x = reinterpret_cast<const Vec16<T> *>(in)[i];
+      Vec16<T> y;
+#pragma unroll
+      for (int k = 0; k < W; ++k) y.v[k] = from_f<T>(g(i * W + k, to_f(x.v[k])));
+      reinterpret_cast<Vec16<T> *>(out)[i] = y;
+    }
+  } else {
+    for (int j = threadIdx.x; j < n; j += blockDim.x) out[j] = from_f<T>(g(j, to_f(in[j])));
+  }
+}
+
 // Block-wide reductions: every thread gets the result. `scratch` holds 32 floats.
 __device__ float block_sum(float v, float *scratch) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
@@ -52,9 +112,20 @@ __device__ void rms_norm_fwd(const float *x, const float *w, TOUT *y, int d, flo
   const float *xr = x + (size_t)blockIdx.x * d;
   TOUT *yr = y + (size_t)blockIdx.x * d;
   float ss = 0.f;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+  for_row(xr, d, [&](int, float v) { ss += v * v; });
   const float inv = rsqrtf(block_sum(ss, scratch) / d + eps);
-  for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = from_f<TOUT>(xr[i] * inv * w[i]);
+  if (d % 4 == 0 && aligned4(xr) && aligned4(w) && aligned4(yr)) {
+    for (int i = threadIdx.x; i < d / 4; i += blockDim.x) {
+      float xv[4], wv[4];
+      load4(xr, i, xv);
+      load4(w, i, wv);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) xv[k] *= inv * wv[k];
+      store4(yr, i, xv);
+    }
+  } else {
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = from_f<TOUT>(xr[i] * inv * w[i]);
+  }
 }
 
 // Backward, per row: dx = inv · (gw − x̂ · mean(gw · x̂)) with gw = gy · w, x̂ = x · inv; writes `inv`.
@@ -66,19 +137,53 @@ __device__ void rms_norm_bwd_dx(const float *x, const float *w, const TG *gy, co
                                 __nv_bfloat16 *dx_copy, float *inv_out, int d, float eps) {
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
-  const float *xr = x + row * d;
+  const float *xr = x + row * d, *rr = res ? res + row * d : nullptr;
   const TG *gr = gy + row * d;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+  float *dr = dx + row * d;
+  __nv_bfloat16 *cr = dx_copy ? dx_copy + row * d : nullptr;
+  const bool wide = d % 4 == 0 && aligned4(xr) && aligned4(w) && aligned4(gr) && aligned4(dr) &&
+                    (!rr || aligned4(rr)) && (!cr || aligned4(cr));
+  // Σ x² and Σ gy·w·x in one pass (mean_dot = Σ gy·w·x · inv² / d needs inv only afterwards).
+  float ss = 0.f, dot = 0.f;
+  if (wide) {
+    for (int i = threadIdx.x; i < d / 4; i += blockDim.x) {
+      float xv[4], gv[4], wv[4];
+      load4(xr, i, xv);
+      load4(gr, i, gv);
+      load4(w, i, wv);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        ss += xv[k] * xv[k];
+        dot += gv[k] * wv[k] * xv[k];
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+      ss += xr[i] * xr[i];
+      dot += to_f(gr[i]) * w[i] * xr[i];
+    }
+  }
   const float inv = rsqrtf(block_sum(ss, scratch) / d + eps);
-  float dot = 0.f;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) dot += to_f(gr[i]) * w[i] * xr[i];
   const float mean_dot = block_sum(dot, scratch) * inv * inv / d;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) {
-    float v = inv * (to_f(gr[i]) * w[i] - xr[i] * mean_dot);
-    if (res) v += res[row * d + i];
-    dx[row * d + i] = v;
-    if (dx_copy) dx_copy[row * d + i] = __float2bfloat16_rn(v);
+  if (wide) {
+    for (int i = threadIdx.x; i < d / 4; i += blockDim.x) {
+      float xv[4], gv[4], wv[4], rv[4] = {0.f, 0.f, 0.f, 0.f};
+      load4(xr, i, xv);
+      load4(gr, i, gv);
+      load4(w, i, wv);
+      if (rr) load4(rr, i, rv);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) xv[k] = inv * (gv[k] * wv[k] - xv[k] * mean_dot) + rv[k];
+      store4(dr, i, xv);
+      if (cr) store4(cr, i, xv);
+    }
+  } else {
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+      float v = inv * (to_f(gr[i]) * w[i] - xr[i] * mean_dot);
+      if (rr) v += rr[i];
+      dr[i] = v;
+      if (cr) cr[i] = __float2bfloat16_rn(v);
+    }
   }
   if (threadIdx.x == 0) inv_out[row] = inv;
 }
@@ -99,25 +204,48 @@ __device__ void rms_norm_bwd_dw(const float *x, const TG *gy, const float *inv, 
 // ---------------------------------------------------------------------------------------------------
 // Rotate-half RoPE fused with the head transpose. Forward: in (B, T, H, D) → out (B, H, T, D), rotation
 // by +angle. Backward (inverse = 1): in (B, H, T, D) → out (B, T, H, D), rotation by −angle (the transpose
-// of a rotation). cos/sin: (T, D/2) f32. One thread per (b, t, h, i < D/2) pair.
+// of a rotation). cos/sin: (T, D/2) f32. One thread per (b, t, h) and pair of neighbouring i < D/2.
+template <typename T> struct alignas(2 * sizeof(T)) Two {
+  T v[2];
+};
+
+// Two neighbouring i per thread (4-byte bf16 accesses) and 32-bit index arithmetic (the 64-bit divisions
+// of one thread per element made the kernel compute-bound at a third of the memory bandwidth).
 template <typename T>
 __device__ void rope(const T *in, T *out, const float *cos_t, const float *sin_t, int b, int t, int h, int d,
                      int inverse) {
-  const int half = d / 2;
-  const size_t total = (size_t)b * t * h * half;
-  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
-    const int i = e % half;
-    const int hh = (e / half) % h;
-    const int tt = (e / ((size_t)half * h)) % t;
-    const int bb = e / ((size_t)half * h * t);
+  const int half = d / 2, step = half % 2 == 0 && (addr(in) | addr(out)) % sizeof(Two<T>) == 0 ? 2 : 1;
+  const int per_row = half / step;
+  const unsigned total = (unsigned)b * t * h * per_row;  // < 2^32: checked by the caller
+  for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+    const int i = (e % per_row) * step;
+    unsigned r = e / per_row;
+    const int hh = r % h;
+    r /= h;
+    const int tt = r % t, bb = r / t;
     const size_t bthd = (((size_t)bb * t + tt) * h + hh) * d;
     const size_t bhtd = (((size_t)bb * h + hh) * t + tt) * d;
     const size_t src = inverse ? bhtd : bthd, dst = inverse ? bthd : bhtd;
-    const float c = cos_t[tt * half + i];
-    const float s = inverse ? -sin_t[tt * half + i] : sin_t[tt * half + i];
-    const float x1 = to_f(in[src + i]), x2 = to_f(in[src + i + half]);
-    out[dst + i] = from_f<T>(x1 * c - x2 * s);
-    out[dst + i + half] = from_f<T>(x2 * c + x1 * s);
+    const float sign = inverse ? -1.f : 1.f;
+    if (step == 2) {
+      const Two<T> a = *reinterpret_cast<const Two<T> *>(in + src + i),
+                   c = *reinterpret_cast<const Two<T> *>(in + src + i + half);
+      Two<T> y1, y2;
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const float co = cos_t[tt * half + i + k], si = sign * sin_t[tt * half + i + k];
+        const float x1 = to_f(a.v[k]), x2 = to_f(c.v[k]);
+        y1.v[k] = from_f<T>(x1 * co - x2 * si);
+        y2.v[k] = from_f<T>(x2 * co + x1 * si);
+      }
+      *reinterpret_cast<Two<T> *>(out + dst + i) = y1;
+      *reinterpret_cast<Two<T> *>(out + dst + i + half) = y2;
+    } else {
+      const float co = cos_t[tt * half + i], si = sign * sin_t[tt * half + i];
+      const float x1 = to_f(in[src + i]), x2 = to_f(in[src + i + half]);
+      out[dst + i] = from_f<T>(x1 * co - x2 * si);
+      out[dst + i + half] = from_f<T>(x2 * co + x1 * si);
+    }
   }
 }
 
@@ -168,11 +296,6 @@ __device__ void causal_softmax_bwd(const float *s, const TG *gp, float *ds, int 
 // (3, n) buffer (the down projection's weight gradient needs out: recomputing it was a whole extra pass).
 // Four elements per access when every pointer allows it (fresh allocations do): 8-byte bf16 loads
 // instead of 2-byte ones (ncu at micro-batch 16: the scalar forward moved ~1.5 TB/s of the H200's 4.8).
-template <typename T> struct alignas(4 * sizeof(T)) Four {
-  T v[4];
-};
-
-__device__ inline uintptr_t addr(const void *p) { return reinterpret_cast<uintptr_t>(p); }
 
 __device__ inline float silu_times(float g, float u) { return g / (1.f + __expf(-g)) * u; }
 
@@ -255,18 +378,24 @@ __device__ void residual_add(const float *x, const T *y, float *out, size_t n) {
 
 // ---------------------------------------------------------------------------------------------------
 // Cross-entropy over vocabulary rows, one block per row. out (N, 2) f32: [nll or 0 if ignored, logsumexp].
-// target = 0xFFFFFFFF means ignored.
+// target = 0xFFFFFFFF means ignored. One pass over the row: a running max and a sum rescaled when the
+// max grows (online softmax), then the block's maxima and rescaled sums combined.
 template <typename T>
 __device__ void cross_entropy_fwd(const T *logits, const uint32_t *target, float *out, int v) {
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
   const T *lr = logits + row * v;
-  float m = -INFINITY;
-  for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, to_f(lr[j]));
-  m = block_max(m, scratch);
-  float z = 0.f;
-  for (int j = threadIdx.x; j < v; j += blockDim.x) z += __expf(to_f(lr[j]) - m);
-  const float lse = m + logf(block_sum(z, scratch));
+  float m = -INFINITY, z = 0.f;
+  for_row(lr, v, [&](int, float x) {
+    if (x > m) {
+      z = z * __expf(m - x) + 1.f;  // exp(−∞) = 0 at the first element
+      m = x;
+    } else {
+      z += __expf(x - m);
+    }
+  });
+  const float mb = block_max(m, scratch);
+  const float lse = mb + logf(block_sum(m == -INFINITY ? 0.f : z * __expf(m - mb), scratch));
   if (threadIdx.x == 0) {
     const uint32_t t = target[row];
     out[2 * row] = t == 0xFFFFFFFFu ? 0.f : lse - to_f(lr[t]);
@@ -283,11 +412,8 @@ __device__ void cross_entropy_bwd(const T *logits, const uint32_t *target, const
   const float g_nll = t == 0xFFFFFFFFu ? 0.f : gres[2 * row];
   const float g_lse = gres[2 * row + 1];
   const float lse = res[2 * row + 1];
-  const T *lr = logits + row * v;
-  for (int j = threadIdx.x; j < v; j += blockDim.x) {
-    const float p = __expf(to_f(lr[j]) - lse);
-    dlogits[row * v + j] = from_f<T>((g_nll + g_lse) * p - (j == (int)t ? g_nll : 0.f));
-  }
+  map_row(logits + row * v, dlogits + row * v, v,
+          [&](int j, float x) { return (g_nll + g_lse) * __expf(x - lse) - (j == (int)t ? g_nll : 0.f); });
 }
 
 // Distillation, per row of student logits s and teacher logits t at temperature T (w = 1/T):
@@ -648,18 +774,19 @@ __device__ __forceinline__ void acc_times_tile(float (&acc)[8][4], const float (
   }
 }
 
-// A warp's (16, D) f32 accumulator tiles added into rows row0 … row0 + 15 (those < t) at dst + row·st.
+// A warp's (16, D) f32 accumulator tiles added into rows row0 … row0 + 15 (those < t) at dst + row·st,
+// four columns per atomic (sm_90 float4 atomics; rows 16-byte aligned): lanes tg and tg ^ 1 swap halves,
+// so the even lane adds columns 2tg … 2tg + 3 of row gr and the odd lane 2tg − 2 … 2tg + 1 of row gr + 8.
 __device__ __forceinline__ void add_rows(float *dst, long long st, int row0, int t, const float (&c)[8][4]) {
-  const int lane = threadIdx.x & 31, gr = lane >> 2, tg = lane & 3;
+  const int lane = threadIdx.x & 31, gr = lane >> 2, tg = lane & 3, odd = tg & 1;
+  const int row = row0 + gr + 8 * odd, col = 2 * (tg - odd);
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int row = row0 + gr + 8 * hh;
-    if (row >= t) continue;
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      atomicAdd(dst + row * st + n * 8 + 2 * tg, c[n][2 * hh]);
-      atomicAdd(dst + row * st + n * 8 + 2 * tg + 1, c[n][2 * hh + 1]);
-    }
+  for (int n = 0; n < 8; ++n) {
+    // Even lanes keep row gr (c[n][0..1]) and receive the neighbour's row-gr pair; odd lanes keep row gr + 8.
+    const float give0 = odd ? c[n][0] : c[n][2], give1 = odd ? c[n][1] : c[n][3];
+    const float got0 = __shfl_xor_sync(0xffffffff, give0, 1), got1 = __shfl_xor_sync(0xffffffff, give1, 1);
+    const float4 v = odd ? make_float4(got0, got1, c[n][2], c[n][3]) : make_float4(c[n][0], c[n][1], got0, got1);
+    if (row < t) atomicAdd(reinterpret_cast<float4 *>(dst + row * st + n * 8 + col), v);
   }
 }
 }  // namespace flash

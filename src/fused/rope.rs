@@ -96,6 +96,9 @@ impl CustomOp1 for Rope {
         use super::cuda::{self, Arg};
         let op = self.name();
         let (b, t, h, d) = self.dims(l)?;
+        if b * t * h * d / 2 > u32::MAX as usize {
+            candle_core::bail!("{op}: {b}×{t}×{h}×{d} elements exceed the kernel's 32-bit indexing");
+        }
         let dev = &s.device;
         let input = cuda::ptr(s, l, op)?;
         let (cos, sin) = (cuda::tensor_ptr(&self.cos, op)?, cuda::tensor_ptr(&self.sin, op)?);
