@@ -542,26 +542,44 @@ extern "C" __global__ void accumulate_bf16(float *acc, const __nv_bfloat16 *g, s
 
 // The embedding lookup's backward: acc[id] += Σ g[t] over the tokens t with ids[t] = id, in place. Block
 // b takes token t = b when t is its id's first occurrence and sums that id's rows in token order: one
-// writer per row and one summation order, so no atomics and the same bits every run.
+// writer per row and one summation order, so no atomics and the same bits every run. The order comes
+// from `embedding_links` first: link[t] = the next token with t's id (−1: none), first[t] = 1 where no
+// earlier token has it — O(tokens²) id comparisons once, instead of once per row element (which made
+// the backward compute-bound: 1.4 ms per micro-batch of 4,096 tokens × 2,048 on the H200).
+extern "C" __global__ void embedding_links(const unsigned int *ids, int *link, int *first, int tokens) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  const unsigned int id = ids[t];
+  int next = -1, is_first = 1;
+  for (int u = t + 1; u < tokens && next < 0; ++u)
+    if (ids[u] == id) next = u;
+  for (int u = 0; u < t && is_first; ++u)
+    if (ids[u] == id) is_first = 0;
+  link[t] = next;
+  first[t] = is_first;
+}
+
 template <typename T>
-__device__ void embedding_bwd(float *acc, const T *g, const unsigned int *ids, size_t tokens, size_t dim) {
+__device__ void embedding_bwd(float *acc, const T *g, const unsigned int *ids, const int *link, const int *first,
+                              size_t tokens, size_t dim) {
   for (size_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    if (!first[t]) continue;  // the same for the whole block
     const unsigned int id = ids[t];
-    bool first = true;
-    for (size_t u = 0; u < t && first; ++u) first = ids[u] != id;  // the same for the whole block
-    if (!first) continue;
     for (size_t j = threadIdx.x; j < dim; j += blockDim.x) {
       float sum = to_f(g[t * dim + j]);
-      for (size_t u = t + 1; u < tokens; ++u)
-        if (ids[u] == id) sum += to_f(g[u * dim + j]);
+      for (int u = link[t]; u >= 0; u = link[u]) sum += to_f(g[(size_t)u * dim + j]);
       acc[(size_t)id * dim + j] += sum;
     }
   }
 }
-extern "C" __global__ void embedding_bwd_f32(float *acc, const float *g, const unsigned int *ids, size_t tokens,
-                                             size_t dim) { embedding_bwd(acc, g, ids, tokens, dim); }
+extern "C" __global__ void embedding_bwd_f32(float *acc, const float *g, const unsigned int *ids, const int *link,
+                                             const int *first, size_t tokens, size_t dim) {
+  embedding_bwd(acc, g, ids, link, first, tokens, dim);
+}
 extern "C" __global__ void embedding_bwd_bf16(float *acc, const __nv_bfloat16 *g, const unsigned int *ids,
-                                              size_t tokens, size_t dim) { embedding_bwd(acc, g, ids, tokens, dim); }
+                                              const int *link, const int *first, size_t tokens, size_t dim) {
+  embedding_bwd(acc, g, ids, link, first, tokens, dim);
+}
 
 // Grid statistics of one f32 tensor on a uniform grid, one pass: per block, [hits (|x − q| ≤ atol),
 // q at an outermost level, |x| beyond L·s, Σ|x − q|] → partials[4 · blockIdx + k] (summed in f64 after).

@@ -119,20 +119,37 @@ impl InplaceOp3 for AddRows {
         il: &Layout,
     ) -> Result<()> {
         use super::cuda::{self, Arg};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let op = self.name();
         if acc.dtype() != DType::F32 {
             candle_core::bail!("{op}: CUDA accumulators are f32");
         }
         let dim = al.shape().dims2()?.1;
+        let tokens = il.shape().elem_count();
+        if tokens > i32::MAX as usize {
+            candle_core::bail!("{op}: {tokens} tokens exceed the kernel's 32-bit token index");
+        }
+        let ids = cuda::ptr(ids, il, op)?;
+        // link[t] (the next token with t's id) then first[t], written by `embedding_links`.
+        let (_links, link) = cuda::alloc(&g.device, DType::U32, 2 * tokens, op)?;
+        let first = link + 4 * tokens as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (tokens.div_ceil(256).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [Arg::Ptr(ids), Arg::Ptr(link), Arg::Ptr(first), Arg::I32(tokens as i32)];
+        cuda::launch(&g.device, "embedding_links", cfg, &args)?;
         let args = [
             Arg::Ptr(cuda::ptr(acc, al, op)?),
             Arg::Ptr(cuda::ptr(g, gl, op)?),
-            Arg::Ptr(cuda::ptr(ids, il, op)?),
-            Arg::Len(il.shape().elem_count()),
+            Arg::Ptr(ids),
+            Arg::Ptr(link),
+            Arg::Ptr(first),
+            Arg::Len(tokens),
             Arg::Len(dim),
         ];
         let kernel = format!("embedding_bwd_{}", cuda::suffix(g.dtype(), op)?);
-        let tokens = il.shape().elem_count();
         let cfg = cuda::rows(tokens.clamp(1, cuda::REDUCTION_BLOCKS), 256);
         cuda::launch(&g.device, &kernel, cfg, &args)
     }

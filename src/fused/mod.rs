@@ -336,6 +336,7 @@ pub(crate) mod cuda {
         let storage = match dtype {
             DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<f32>(n)? }, device.clone()),
             DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<half::bf16>(n)? }, device.clone()),
+            DType::U32 => CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<u32>(n)? }, device.clone()),
             other => candle_core::bail!("{op}: no CUDA kernel for {other:?}"),
         };
         let address = ptr(&storage, &Layout::contiguous(n), op)?;
