@@ -101,9 +101,10 @@ pub(super) fn sum_of_products(terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
     };
     #[cfg(feature = "cuda")]
     if a0.device().is_cuda() && a0.dtype() == candle_core::DType::BF16 {
-        let out = Tensor::zeros((a0.dim(0)?, b0.dim(1)?), a0.dtype(), a0.device())?;
-        for (a, b) in terms {
-            cuda::gemm_into(&out, &a.contiguous()?, &b.contiguous()?)?;
+        // SAFETY: the first GEMM writes every element (β = 0 never reads the buffer).
+        let out = unsafe { Tensor::empty((a0.dim(0)?, b0.dim(1)?), a0.dtype(), a0.device())? };
+        for (i, (a, b)) in terms.iter().enumerate() {
+            cuda::gemm_into(&out, &a.contiguous()?, &b.contiguous()?, i > 0)?;
         }
         return Ok(out);
     }
@@ -123,12 +124,13 @@ mod cuda {
         })
     }
 
-    /// `out += a · b` (row-major `a: (m, n)`, `b: (n, k)`, `out: (m, k)`, all bf16 or all f32).
-    pub fn gemm_into(out: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+    /// `out += a · b` with `add`, else `out = a · b` (row-major `a: (m, n)`, `b: (n, k)`, `out: (m, k)`,
+    /// all bf16 or all f32).
+    pub fn gemm_into(out: &Tensor, a: &Tensor, b: &Tensor, add: bool) -> Result<()> {
         if out.dtype() != a.dtype() {
             candle_core::bail!("sum of products: the sum is in the factors' dtype");
         }
-        gemm_add("sum of products", out, a, b, false)
+        gemm_add("sum of products", out, a, b, false, add)
     }
 
     /// `acc += aᵀ · b` into an f32 accumulator (`a: (m, n)`, `b: (m, k)`, `acc: (n, k)`).
@@ -136,12 +138,13 @@ mod cuda {
         if acc.dtype() != DType::F32 {
             candle_core::bail!("fused linear: CUDA accumulators are f32");
         }
-        gemm_add("fused linear", acc, a, b, true)
+        gemm_add("fused linear", acc, a, b, true, true)
     }
 
     /// `out += a · b`, or `out += aᵀ · b` with `transpose_a`, for contiguous row-major tensors, as one
-    /// cuBLAS GEMM with β = 1 and f32 accumulation on the device's stream (`out` in its own dtype).
-    fn gemm_add(op: &str, out: &Tensor, a: &Tensor, b: &Tensor, transpose_a: bool) -> Result<()> {
+    /// cuBLAS GEMM with β = 1 (β = 0 without `add`: `out` is overwritten, never read) and f32
+    /// accumulation on the device's stream (`out` in its own dtype).
+    fn gemm_add(op: &str, out: &Tensor, a: &Tensor, b: &Tensor, transpose_a: bool, add: bool) -> Result<()> {
         let (a_rows, a_cols) = a.dims2()?;
         let (rows, inner) = if transpose_a {
             (a_cols, a_rows)
@@ -167,7 +170,7 @@ mod cuda {
             super::super::cuda::tensor_ptr(b, op)?,
         );
         let blas = out.device().as_cuda_device()?.cublas_handle();
-        let (alpha, beta) = (1f32, 1f32);
+        let (alpha, beta) = (1f32, if add { 1f32 } else { 0f32 });
         // f32 inputs use TF32 tensor cores when candle's f32 matmuls do (`train.tf32`).
         let compute = if a.dtype() == DType::F32 && candle_core::cuda_backend::gemm_reduced_precision_f32() {
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
