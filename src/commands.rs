@@ -165,7 +165,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     };
     if let Some((records, max_seq_length, mask_prompt)) = data_source {
         let encoder = o.encoder(max_seq_length, mask_prompt)?;
-        let batches = data::val_batches(&records, &encoder, a.batch, None)?;
+        let batches = data::val_batches(&records, &encoder, a.batch)?;
         let l = eval::losses(&o.model, &o.params, quantizer.as_ref(), &batches)?;
         out["val_loss"] = l.fp.into();
         out["val_ppl"] = l.fp.exp().into();

@@ -218,10 +218,16 @@ impl Trainer {
             mask_prompt: cfg.data.mask_prompt,
         };
         let mb = cfg.train.micro_batch;
-        let val_subset = data::val_batches(&val, &encoder, mb, Some(cfg.eval.max_batches))?;
-        let val_all = data::val_batches(&val, &encoder, mb, None)?;
+        let val_all = data::val_batches(&val, &encoder, mb)?;
+        let val_subset = val_all[..val_all.len().min(cfg.eval.max_batches)].to_vec();
         let cursor = state.as_ref().map(|s| s.cursor).unwrap_or_default();
-        let stream = TrainStream::new(train, encoder, cfg.train.seed, cursor);
+        let tokenizing = std::time::Instant::now();
+        let stream = TrainStream::new(data::encode_all(&train, &encoder)?, cfg.train.seed, cursor);
+        tracing::info!(
+            records = train.len(),
+            seconds = tokenizing.elapsed().as_secs_f64(),
+            "training records tokenized"
+        );
 
         let t = &cfg.train;
         let mut opt = AdamW::new(t.beta1, t.beta2, t.eps, t.weight_decay);

@@ -131,7 +131,7 @@ impl Trainer {
         let accum_per_device = self.cfg.accum_per_device();
         for micro in 0..accum_per_device {
             self.stream.skip(rank * t.micro_batch);
-            let batch = self.stream.next_batch(t.micro_batch)?;
+            let batch = self.stream.next_batch(t.micro_batch);
             self.stream.skip((world - 1 - rank) * t.micro_batch);
             tokens += batch.rows * batch.cols;
             let ids = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), &self.model.device)?;
