@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::fused::{self, Kernels};
-use crate::model::llama::EMBEDDING;
+use crate::model::llama::{is_norm_gain, EMBEDDING};
 use crate::model::{io, ops, Llama, LlamaConfig, Params};
 use crate::quant::grid::{GridConfig, TensorGrid};
 use crate::train::optim::{AdamW, Update};
@@ -473,7 +473,9 @@ fn tiny_llama_rows(cfg: &LlamaConfig, seq: usize, label: &str, cuda: &Device, ro
             BTreeMap::new()
         };
         let w = params.compute_weights(dtype, |n, x| match acc.get(n) {
-            Some(a) if n != EMBEDDING => Ok(fused::weight::compute_copy_accumulating(x, None, dtype, a)?),
+            Some(a) if n != EMBEDDING && !is_norm_gain(n) => {
+                Ok(fused::weight::compute_copy_accumulating(x, None, dtype, a)?)
+            }
             _ => Ok(x.clone()),
         })?;
         let input = Tensor::from_vec(ids.clone(), (2, seq), device)?;
@@ -483,8 +485,13 @@ fn tiny_llama_rows(cfg: &LlamaConfig, seq: usize, label: &str, cuda: &Device, ro
             .vars
             .iter()
             .map(|(n, v)| {
-                let g = acc.get(n).or(grads.get(v.as_tensor())).context("missing grad")?;
-                Ok((n.clone(), g.clone()))
+                // A norm gain's gradient is in its accumulator (the block stack) or comes through
+                // autograd (the final norm, the composed blocks), the other holding none.
+                let g = match (acc.get(n), grads.get(v.as_tensor())) {
+                    (Some(a), Some(g)) => (a + g)?,
+                    (a, g) => a.or(g).context("missing grad")?.clone(),
+                };
+                Ok((n.clone(), g))
             })
             .collect::<Result<_>>()?;
         Ok((loss, g))

@@ -1,15 +1,16 @@
-//! A whole Llama decoder block as one autograd node with a written-out backward:
+//! The Llama decoder blocks as one autograd node with a written-out backward; each block is
 //! `x1 = x + o_proj(attention(rope(q), rope(k), v))` on `a = rms_norm(x)`, then
 //! `out = x1 + mlp(rms_norm(x1))`.
 //!
-//! Composed of the fused ops, the block is some twenty autograd nodes (norms, projections, RoPE, head
+//! Composed of the fused ops, a block is some twenty autograd nodes (norms, projections, RoPE, head
 //! reshapes and transposes, casts, residual adds), and candle's backward zero-fills and adds a gradient
 //! buffer for every input of every one of them: ncu had those adds (`badd_bf16`, `badd_f32`) at a fifth
 //! of the GPU time of a micro-step. Here the backward calls the same kernels in the same order as the
-//! composed graph's (each op's backward function), adds the seven weight gradients into their step
-//! accumulators, and hands autograd only `∂L/∂x` and the two gains' gradients. The forward keeps what
-//! the composed graph kept, less the pre-RoPE q and k, and the backward frees each block's tensors as
-//! soon as it is done with them.
+//! composed graph's (each op's backward function), adds the seven weight gradients and the two gains'
+//! into their step accumulators, and hands each block's `∂L/∂x` straight to the block below; autograd
+//! sees one node, and gets only `∂L/∂x` of the first block. The forward keeps what the composed graph
+//! kept, less the pre-RoPE q and k (or, checkpointing, each block's input only), and the backward frees
+//! each block's tensors as soon as it is done with them.
 
 use candle_core::{DType, Result, Tensor};
 use std::sync::Mutex;
@@ -19,7 +20,8 @@ use super::mlp::{mlp_backward, mlp_forward};
 use super::rms_norm::{rms_norm, rms_norm_backward_with_residual};
 use super::rope::{rope, rope_backward};
 use super::softmax::{attend, attention_scale, per_kv_head};
-use super::{flash, node3, residual, softmax, Backward3};
+use super::weight::add_into;
+use super::{flash, node1, residual, softmax, Backward1};
 use crate::dist::overlap;
 
 /// The block's shapes and constants.
@@ -34,30 +36,6 @@ pub struct BlockSpec {
     /// RoPE angle tables `(T, head_dim / 2)`.
     pub cos: Tensor,
     pub sin: Tensor,
-}
-
-/// `x: (B, T, d)` (the residual stream's dtype) through the block. `gains`: input and post-attention
-/// RMSNorm gains; `w`: the compute-dtype projections q, k, v, o, gate, up, down; `acc`: their f32 (f64)
-/// gradient accumulators, in the same order.
-pub fn decoder_block(
-    x: &Tensor,
-    gains: [&Tensor; 2],
-    w: [&Tensor; 7],
-    acc: [&Tensor; 7],
-    spec: &BlockSpec,
-) -> Result<Tensor> {
-    let w = w.map(Tensor::detach);
-    let (out, saved) = forward(&x.detach(), gains.map(Tensor::detach).each_ref(), w.each_ref(), spec)?;
-    if !(x.track_op() || gains.iter().any(|g| g.track_op())) {
-        return Ok(out);
-    }
-    let node = DecoderBlock {
-        saved: Mutex::new(Some(saved)),
-        w,
-        acc: acc.map(Tensor::clone),
-        spec: spec.clone(),
-    };
-    node3(out, [&x.contiguous()?, gains[0], gains[1]], node)
 }
 
 /// The forward's tensors the backward reads: the block input, the normed inputs of the projections
@@ -110,76 +88,141 @@ fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &Blo
     Ok((out, saved))
 }
 
-struct DecoderBlock {
-    /// Taken (and so freed) by the backward.
-    saved: Mutex<Option<Saved>>,
-    w: [Tensor; 7],
-    acc: [Tensor; 7],
+/// The composed graph's backward, node by node: the MLP (its three weight gradients), the
+/// post-attention norm with the residual's gradient added (and its compute copy for o_proj) in the
+/// same pass; o_proj, the attention, RoPE⁻¹ on dq and dk, the q/k/v weight gradients, the input norm
+/// with the residual added. Returns `∂L/∂x` and the two gains' gradients.
+fn backward(
+    s: Saved,
+    [g_in, g_post]: [&Tensor; 2],
+    w: [&Tensor; 7],
+    acc: [&Tensor; 7],
+    spec: &BlockSpec,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let [wq, wk, wv, wo, w_gate, w_up, w_down] = w;
+    let [aq, ak, av, ao, a_gate, a_up, a_down] = acc;
+    let (b, t, d) = s.x.dims3()?;
+    let (h, kv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+    let rows = b * t;
+    let grad = grad.detach().contiguous()?;
+
+    let dz = grad.reshape((rows, d))?.to_dtype(spec.compute)?;
+    let dm = mlp_backward(
+        &s.m,
+        &s.gate,
+        &s.up,
+        [w_gate, w_up, w_down],
+        [a_gate, a_up, a_down],
+        &dz,
+    )?;
+    let (dx1, dy, dg_post) = rms_norm_backward_with_residual(
+        &s.x1,
+        g_post,
+        &dm.reshape((b, t, d))?,
+        Some(&grad),
+        spec.eps,
+        spec.compute,
+    )?;
+    let dy = dy.reshape((rows, d))?;
+    add_product_into(ao, &dy, &s.o)?;
+    overlap::accumulated(ao)?;
+    let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &dy.matmul(wo)?)?;
+    let dq = rope_backward(&dq, &spec.cos, &spec.sin)?.reshape((rows, h * hd))?;
+    let dk = rope_backward(&dk, &spec.cos, &spec.sin)?.reshape((rows, kv * hd))?;
+    let dv = dv.reshape((rows, kv * hd))?;
+    for (acc, g) in [(aq, &dq), (ak, &dk), (av, &dv)] {
+        add_product_into(acc, g, &s.a)?;
+        overlap::accumulated(acc)?;
+    }
+    let da = sum_of_products(&[(&dq, wq), (&dk, wk), (&dv, wv)])?;
+    let (dx, _, dg_in) =
+        rms_norm_backward_with_residual(&s.x, g_in, &da.reshape((b, t, d))?, Some(&dx1), spec.eps, s.x.dtype())?;
+    Ok((dx, dg_in, dg_post))
+}
+
+/// One layer's tensors for [`decoder_stack`]: the two RMSNorm gains (input, post-attention) and the
+/// accumulators of their gradients, the seven compute-dtype projections (q, k, v, o, gate, up, down)
+/// and theirs.
+#[derive(Clone)]
+pub struct LayerTensors {
+    pub gains: [Tensor; 2],
+    pub gain_acc: [Tensor; 2],
+    pub w: [Tensor; 7],
+    pub acc: [Tensor; 7],
+}
+
+/// Every decoder block, in order, as one autograd node over the first block's input `x: (B, T, d)`
+/// (the residual stream's dtype). A node per block cost autograd a zero-filled gradient buffer and an
+/// add for each block's input (an f32 `(B, T, d)`), a copy of each block's output into its node, and
+/// the same for the gains. With `checkpoint` the forward keeps only each block's input and the
+/// backward runs the block's forward again before its backward (`train.checkpoint_layers`).
+pub fn decoder_stack(x: &Tensor, layers: Vec<LayerTensors>, spec: &BlockSpec, checkpoint: bool) -> Result<Tensor> {
+    let layers: Vec<LayerTensors> = layers
+        .into_iter()
+        .map(|l| LayerTensors {
+            gains: l.gains.map(|g| g.detach()),
+            w: l.w.map(|w| w.detach()),
+            ..l
+        })
+        .collect();
+    let mut kept = Vec::with_capacity(layers.len());
+    let mut h = x.detach().contiguous()?;
+    for l in &layers {
+        let (out, saved) = forward(&h, l.gains.each_ref(), l.w.each_ref(), spec)?;
+        kept.push(if checkpoint { Kept::Input(h) } else { Kept::Saved(saved) });
+        h = out;
+    }
+    if !x.track_op() {
+        return Ok(h);
+    }
+    let node = DecoderStack {
+        kept: Mutex::new(Some(kept)),
+        layers,
+        spec: spec.clone(),
+    };
+    node1(h, &x.contiguous()?, node)
+}
+
+/// A block's forward state in the stack: all of it, or (checkpointing) its input only.
+enum Kept {
+    Saved(Saved),
+    Input(Tensor),
+}
+
+struct DecoderStack {
+    kept: Mutex<Option<Vec<Kept>>>,
+    layers: Vec<LayerTensors>,
     spec: BlockSpec,
 }
 
-impl Backward3 for DecoderBlock {
+impl Backward1 for DecoderStack {
     fn name(&self) -> &'static str {
-        "fused decoder block"
+        "fused decoder blocks"
     }
 
-    /// The composed graph's backward, node by node: the MLP (its three weight gradients), the
-    /// post-attention norm with the residual's gradient added (and its compute copy for o_proj) in the
-    /// same pass; o_proj, the attention, RoPE⁻¹ on dq and dk, the q/k/v weight gradients, the input norm
-    /// with the residual added.
-    fn bwd(&self, [_x, g_in, g_post]: [&Tensor; 3], grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
-        let s = self
-            .saved
+    fn bwd(&self, _x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let kept = self
+            .kept
             .lock()
-            .map_err(|_| candle_core::Error::Msg("fused decoder block: poisoned".into()))?
+            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned", self.name())))?
             .take()
-            .ok_or_else(|| candle_core::Error::Msg("fused decoder block: backward run twice".into()))?;
-        let [wq, wk, wv, wo, w_gate, w_up, w_down] = self.w.each_ref();
-        let [aq, ak, av, ao, a_gate, a_up, a_down] = self.acc.each_ref();
-        let spec = &self.spec;
-        let (b, t, d) = s.x.dims3()?;
-        let (h, kv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
-        let rows = b * t;
-        let grad = grad.detach().contiguous()?;
-
-        let dz = grad.reshape((rows, d))?.to_dtype(spec.compute)?;
-        let dm = mlp_backward(
-            &s.m,
-            &s.gate,
-            &s.up,
-            [w_gate, w_up, w_down],
-            [a_gate, a_up, a_down],
-            &dz,
-        )?;
-        let (dx1, dy, dg_post) = rms_norm_backward_with_residual(
-            &s.x1,
-            &g_post.detach(),
-            &dm.reshape((b, t, d))?,
-            Some(&grad),
-            spec.eps,
-            spec.compute,
-        )?;
-        let dy = dy.reshape((rows, d))?;
-        add_product_into(ao, &dy, &s.o)?;
-        overlap::accumulated(ao)?;
-        let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &dy.matmul(wo)?)?;
-        let dq = rope_backward(&dq, &spec.cos, &spec.sin)?.reshape((rows, h * hd))?;
-        let dk = rope_backward(&dk, &spec.cos, &spec.sin)?.reshape((rows, kv * hd))?;
-        let dv = dv.reshape((rows, kv * hd))?;
-        for (acc, g) in [(aq, &dq), (ak, &dk), (av, &dv)] {
-            add_product_into(acc, g, &s.a)?;
-            overlap::accumulated(acc)?;
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: backward run twice", self.name())))?;
+        let mut grad = grad.detach().contiguous()?;
+        for (l, k) in self.layers.iter().zip(kept).rev() {
+            let (gains, w) = (l.gains.each_ref(), l.w.each_ref());
+            let saved = match k {
+                Kept::Saved(s) => s,
+                Kept::Input(x) => forward(&x, gains, w, &self.spec)?.1,
+            };
+            let (dx, dg_in, dg_post) = backward(saved, gains, w, l.acc.each_ref(), &self.spec, &grad)?;
+            for (acc, g) in l.gain_acc.iter().zip([&dg_in, &dg_post]) {
+                add_into(acc, g)?;
+                overlap::accumulated(acc)?;
+            }
+            grad = dx;
         }
-        let da = sum_of_products(&[(&dq, wq), (&dk, wk), (&dv, wv)])?;
-        let (dx, _, dg_in) = rms_norm_backward_with_residual(
-            &s.x,
-            &g_in.detach(),
-            &da.reshape((b, t, d))?,
-            Some(&dx1),
-            spec.eps,
-            s.x.dtype(),
-        )?;
-        Ok([Some(dx), Some(dg_in), Some(dg_post)])
+        Ok(Some(grad))
     }
 }
 

@@ -39,7 +39,7 @@ pub(super) struct LayerWeights {
 }
 
 const GAINS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
-/// The projections, in the order `fused::block::decoder_block` takes them.
+/// The projections, in the order `fused::block::LayerTensors` holds them.
 const PROJECTIONS: [&str; 7] = [
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -78,6 +78,33 @@ impl LayerWeights {
         self.accumulators.get(&self.name(local))
     }
 
+    /// The layer as [`fused::block::decoder_stack`] takes it, when every projection and both gains have
+    /// an accumulator (the training step's weights on the fused kernels).
+    pub fn stack_tensors(&self) -> Result<Option<fused::block::LayerTensors>> {
+        let (Some(acc), Some(gain_acc)) = (
+            PROJECTIONS
+                .map(|n| self.accumulator(n).cloned())
+                .into_iter()
+                .collect::<Option<Vec<_>>>(),
+            GAINS
+                .map(|n| self.accumulator(n).cloned())
+                .into_iter()
+                .collect::<Option<Vec<_>>>(),
+        ) else {
+            return Ok(None);
+        };
+        let w = PROJECTIONS
+            .iter()
+            .map(|n| Ok(self.get(n)?.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(fused::block::LayerTensors {
+            gains: self.gains()?,
+            gain_acc: two(gain_acc)?,
+            w: seven(w)?,
+            acc: seven(acc)?,
+        }))
+    }
+
     /// The two RMSNorm gains, in the order `with_gains` takes them.
     pub fn gains(&self) -> Result<[Tensor; 2]> {
         Ok([self.get(GAINS[0])?.clone(), self.get(GAINS[1])?.clone()])
@@ -106,7 +133,26 @@ fn seven<T>(v: Vec<T>) -> Result<[T; 7]> {
         .map_err(|_| anyhow::anyhow!("a decoder block has seven projections"))
 }
 
+fn two<T>(v: Vec<T>) -> Result<[T; 2]> {
+    v.try_into()
+        .map_err(|_| anyhow::anyhow!("a decoder block has two norm gains"))
+}
+
 impl Block {
+    /// The fused block's shapes and constants.
+    pub fn spec(&self) -> fused::block::BlockSpec {
+        let cfg = &self.cfg;
+        fused::block::BlockSpec {
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            eps: cfg.rms_norm_eps,
+            compute: self.dtype,
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+        }
+    }
+
     /// `x · wᵀ` in the weight's dtype; fused with in-place weight-gradient accumulation when `w` has
     /// an accumulator.
     fn linear(&self, x: &Tensor, layer: &LayerWeights, local: &str) -> Result<Tensor> {
@@ -130,24 +176,8 @@ impl Block {
 
     /// The block's output for input `x: (B, T, d)` (the residual stream's dtype throughout).
     pub fn forward(&self, x: &Tensor, layer: &LayerWeights) -> Result<Tensor> {
-        // One node with its own backward when every projection accumulates in place (the training
-        // step's weights); otherwise the composition below, through autograd.
-        let accumulators: Option<Vec<&Tensor>> = PROJECTIONS.iter().map(|n| layer.accumulator(n)).collect();
-        if let (true, Some(acc)) = (self.fused, accumulators) {
-            let w = PROJECTIONS.iter().map(|n| layer.get(n)).collect::<Result<Vec<_>>>()?;
-            let cfg = &self.cfg;
-            let spec = fused::block::BlockSpec {
-                heads: cfg.num_attention_heads,
-                kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim,
-                eps: cfg.rms_norm_eps,
-                compute: self.dtype,
-                cos: self.cos.clone(),
-                sin: self.sin.clone(),
-            };
-            let gains = [layer.get(GAINS[0])?, layer.get(GAINS[1])?];
-            return Ok(fused::block::decoder_block(x, gains, seven(w)?, seven(acc)?, &spec)?);
-        }
+        // The composition of the fused (or reference) ops, through autograd; the training step's fused
+        // blocks run as one node instead (`fused::block::decoder_stack`, from `Llama::hidden_into`).
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);

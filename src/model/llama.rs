@@ -94,11 +94,13 @@ impl Params {
 
     /// Zeroed gradient accumulators (f32; f64 for f64 weights) for the matrices (projections and the
     /// embedding table), whose compute copies and fused lookups add their gradients into them in place
-    /// (`fused::weight`, `fused::linear`, `fused::embedding`).
+    /// (`fused::weight`, `fused::linear`, `fused::embedding`), and for the norm gains, which the fused
+    /// block stack adds into (`fused::block::decoder_stack`); elsewhere a gain's stays zero and its
+    /// gradient comes through autograd.
     pub fn gradient_accumulators(&self) -> Result<BTreeMap<String, Tensor>> {
         self.vars
             .iter()
-            .filter(|(_, var)| var.rank() == 2)
+            .filter(|(name, var)| var.rank() == 2 || is_norm_gain(name))
             .map(|(name, var)| {
                 let dtype = ops::stat_dtype(var.dtype());
                 Ok((name.clone(), Tensor::zeros(var.shape(), dtype, var.device())?))
@@ -119,6 +121,11 @@ impl Params {
 pub const EMBEDDING: &str = "model.embed_tokens.weight";
 /// The output head: an untied model's own weight, or the step's compute copy of a tied embedding.
 pub const HEAD: &str = "lm_head.weight";
+
+/// An RMSNorm gain (`…layernorm.weight`, `model.norm.weight`).
+pub fn is_norm_gain(name: &str) -> bool {
+    name.ends_with("norm.weight")
+}
 
 fn is_projection(name: &str, w: &Tensor) -> bool {
     w.rank() == 2 && !name.contains("embed_tokens")
@@ -201,8 +208,21 @@ impl Llama {
             _ => table.index_select(&ids.flatten_all()?, 0)?,
         };
         x = x.reshape((b, t, cfg.hidden_size))?;
-        for i in 0..cfg.num_hidden_layers {
-            let layer = LayerWeights::of(i, w, grads_into)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| LayerWeights::of(i, w, grads_into))
+            .collect::<Result<Vec<_>>>()?;
+        // The training step on the fused kernels: all blocks as one node (checkpointing included).
+        if block.fused && x.track_op() {
+            let stack = layers
+                .iter()
+                .map(LayerWeights::stack_tensors)
+                .collect::<Result<Option<Vec<_>>>>()?;
+            if let Some(stack) = stack {
+                let x = fused::block::decoder_stack(&x, stack, &block.spec(), self.checkpoint_layers)?;
+                return block.norm(&x, get(w, "model.norm.weight")?);
+            }
+        }
+        for layer in layers {
             x = if self.checkpoint_layers && x.track_op() {
                 let gains = layer.gains()?;
                 let block = block.clone();

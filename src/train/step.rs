@@ -10,7 +10,7 @@ use super::optim::Update;
 use super::{schedule, Trainer};
 use crate::dist::{overlap, ReduceOp};
 use crate::fused::{self, weight};
-use crate::model::llama::{EMBEDDING, HEAD};
+use crate::model::llama::{is_norm_gain, EMBEDDING, HEAD};
 use crate::quant::grid::TensorGrid;
 use crate::quant::{dist_loss, harden, stats, Method, Pull, View};
 
@@ -64,6 +64,12 @@ impl Trainer {
                     weights.insert(HEAD.into(), weight::compute_copy_accumulating(x, None, dtype, acc)?);
                     direct.insert(HEAD.into(), acc.clone());
                 }
+                continue;
+            }
+            if let (true, Some(acc), None) = (is_norm_gain(name), accumulators.get(name), selected) {
+                // The f32 master itself: the fused block stack adds its gradient into `acc`.
+                weights.insert(name.clone(), x.clone());
+                direct.insert(name.clone(), acc.clone());
                 continue;
             }
             let on_grid = match selected {
