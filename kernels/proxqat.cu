@@ -482,7 +482,10 @@ extern "C" __global__ void sum_squares_f32(const float *x, float *partials, size
 //   plain / dist-grad: x ← x − lr (dir + wd x);   prox: x ← x − lr (pull (x − q) + task_scale (dir + wd x)).
 // q is computed here from the uniform grid (scale per `group` consecutive elements, codes clamped to
 // ±half_levels, ties to even: the CPU grid's exact arithmetic) or read from `q` (level grids).
-// clip and pull are 0-d device values: no host round-trip.
+// clip and pull are 0-d device values: no host round-trip. With `copy` set, the same pass writes the next
+// step's compute copy of the updated x in bf16: x itself, or (copy_scale set) its point on the uniform grid
+// of the straight-through view (scale per copy_group elements, codes clamped to ±copy_half_levels) —
+// bit for bit what the step's separate cast (`compute_copy` / `grid_point_f32`, then the cast) writes.
 #define ADAMW_PLAIN 0
 #define ADAMW_DIST_GRAD 1
 #define ADAMW_PROX 2
@@ -491,6 +494,8 @@ struct AdamWArgs {
   int mode;
   float half_levels;
   unsigned long long group;
+  unsigned long long copy_group;
+  float copy_half_levels;
 };
 
 __device__ __forceinline__ float grid_point(float x, const float *q, const float *scale, const AdamWArgs &a,
@@ -501,8 +506,8 @@ __device__ __forceinline__ float grid_point(float x, const float *q, const float
 }
 
 extern "C" __global__ void adamw_f32(float *x, float *m, float *v, const float *g, const float *clip,
-                                     const float *pull, const float *q, const float *scale, AdamWArgs a,
-                                     size_t n) {
+                                     const float *pull, const float *q, const float *scale,
+                                     __nv_bfloat16 *copy, const float *copy_scale, AdamWArgs a, size_t n) {
   const float factor = *clip;
   const float c = a.mode != ADAMW_PLAIN ? *pull : 0.f;
   const float sqrt_bc2 = sqrtf(a.bc2);
@@ -517,7 +522,16 @@ extern "C" __global__ void adamw_f32(float *x, float *m, float *v, const float *
     v[i] = vi;
     const float dir = (mi / a.bc1) / (sqrtf(vi) / sqrt_bc2 + a.eps);
     const float task = dir + a.weight_decay * xi;
-    x[i] = a.mode == ADAMW_PROX ? xi - a.lr * (c * (xi - qi) + a.task_scale * task) : xi - a.lr * task;
+    const float next = a.mode == ADAMW_PROX ? xi - a.lr * (c * (xi - qi) + a.task_scale * task) : xi - a.lr * task;
+    x[i] = next;
+    if (copy != nullptr) {
+      float y = next;
+      if (copy_scale != nullptr) {
+        const float sc = copy_scale[i / a.copy_group];
+        y = fminf(fmaxf(rintf(next / sc), -a.copy_half_levels), a.copy_half_levels) * sc;
+      }
+      copy[i] = __float2bfloat16_rn(y);
+    }
   }
 }
 

@@ -12,7 +12,7 @@ use crate::fused::{self, Kernels};
 use crate::model::llama::{is_norm_gain, EMBEDDING};
 use crate::model::{io, ops, Llama, LlamaConfig, Params};
 use crate::quant::grid::{GridConfig, TensorGrid};
-use crate::train::optim::{AdamW, Update};
+use crate::train::optim::{AdamW, CopySpec, Update};
 
 /// max|a − b| / max|b|, both read back as f64.
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -290,6 +290,33 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         dtype: DType::F32,
         err,
         tol: 1e-5,
+    });
+    // The next step's bf16 compute copy written by the update's own pass (plain, then on the uniform
+    // grid): the same bits as casting the updated weight separately.
+    let var = Var::from_tensor(&randn(&[64, 128], 32, 0.02)?.to_device(cuda)?)?;
+    let on_grid = match TensorGrid::new(&GridConfig::default(), var.as_tensor())? {
+        TensorGrid::Uniform { scale, half_levels, .. } => fused::weight::OnGrid { scale, half_levels },
+        TensorGrid::Levels(_) => unreachable!("the default grid is uniform"),
+    };
+    let mut opt = AdamW::new(0.9, 0.95, 1e-8, 0.1);
+    let clip = Tensor::new(0.5f32, cuda)?;
+    let mut err = 0f64;
+    for (k, grid) in [None, Some(on_grid)].into_iter().enumerate() {
+        opt.begin_step();
+        let g = randn(&[64, 128], 40 + k as u64, 1e-3)?.to_device(cuda)?;
+        let spec = CopySpec {
+            dtype: DType::BF16,
+            on_grid: grid.clone(),
+        };
+        let copy = opt.update_with_copy("w", &var, &g, &clip, 1e-3, Update::Plain, &spec)?;
+        let cast = fused::weight::compute_copy(var.as_tensor(), grid, DType::BF16)?;
+        err = err.max(rel_err(&copy, &cast)?);
+    }
+    rows.push(Row {
+        name: "adamw's bf16 copy vs cast".into(),
+        dtype: DType::BF16,
+        err,
+        tol: 0.0,
     });
     // The compute copy (plain, and on its grid): forward values, and two backward passes adding the
     // compute-dtype gradient into the f32 accumulator.

@@ -618,6 +618,57 @@ fn fused_and_reference_training_steps_make_the_same_updates() {
 }
 
 #[test]
+fn compute_copies_written_by_the_optimizer_equal_casting_the_updated_weights() {
+    // The fused step reads the compute copies the last update wrote (plain, and on the grid for
+    // Prox-QAT's task gradient at q(x)); dropping them before every step makes it cast instead. The
+    // two runs must be the same bits.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    common::tiny_model_dir(&model, 4);
+    let prox = "[quant]\nmethod = \"prox\"\npull = \"prox\"\ngrad_at = \"q\"\ndist_scale = 10.0\n";
+    for extra in ["", prox] {
+        let cfg = common::tiny_config(tmp.path(), &model, extra);
+        let run = |reuse: bool| {
+            let sets = ["train.kernels=\"fused\"".to_string(), "train.max_steps=4".into()];
+            let cfg = proxqat::config::Config::load(&cfg, &sets).unwrap();
+            let mut trainer = proxqat::train::Trainer::new(cfg, None).unwrap();
+            let mut written = vec![];
+            let losses: Vec<f64> = (0..4)
+                .map(|_| {
+                    if !reuse {
+                        trainer.next_copies.clear();
+                    }
+                    let loss = trainer.step().unwrap().loss;
+                    written.push(trainer.next_copies.len());
+                    loss
+                })
+                .collect();
+            (losses, trainer.params.to_tensors(), written)
+        };
+        let ((l_reuse, w_reuse, written), (l_cast, w_cast, _)) = (run(true), run(false));
+        // And they are what the next forward reads: zeroed, they change its loss.
+        let sets = ["train.kernels=\"fused\"".to_string(), "train.max_steps=4".into()];
+        let mut trainer =
+            proxqat::train::Trainer::new(proxqat::config::Config::load(&cfg, &sets).unwrap(), None).unwrap();
+        trainer.step().unwrap();
+        for w in trainer.next_copies.values_mut() {
+            w.copy = w.copy.zeros_like().unwrap();
+        }
+        assert_ne!(
+            trainer.step().unwrap().loss,
+            l_reuse[1],
+            "zeroed copies left the loss as it was ({extra:?})"
+        );
+        // Every projection of the tiny model (2 layers × 7) and the tied head.
+        assert_eq!(written, vec![15; 4], "copies written per step ({extra:?})");
+        assert_eq!(l_reuse, l_cast, "losses ({extra:?})");
+        for (name, a) in &w_reuse {
+            assert_eq!(max_diff(a, &w_cast[name]), 0.0, "{name} ({extra:?})");
+        }
+    }
+}
+
+#[test]
 fn checkpointed_blocks_give_the_same_loss_and_gradients_and_keep_no_activations() {
     // As the training step runs it: the projections add their gradients into accumulators (fused:
     // in place; reference: through their compute copy's backward); the norm gains too under the fused

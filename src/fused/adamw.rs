@@ -1,6 +1,6 @@
 //! The optimizer's fused passes on CUDA: one in-place AdamW kernel per f32 tensor (gradient clipping,
-//! the grid point q(x) and the Prox-QAT pull folded in, factors read on the device) and a deterministic
-//! Σx² (global norm, sensitivity EMA).
+//! the grid point q(x) and the Prox-QAT pull folded in, factors read on the device, the next step's
+//! bf16 compute copy written in the same pass) and a deterministic Σx² (global norm, sensitivity EMA).
 //! Their CPU path is the reference AdamW of `train::optim` (candle ops, the same formula), which
 //! `proxqat gpu-check parity` compares them with.
 
@@ -25,6 +25,8 @@ pub struct AdamWArgs {
     mode: i32,
     half_levels: f32,
     group: u64,
+    copy_group: u64,
+    copy_half_levels: f32,
 }
 
 #[cfg(feature = "cuda")]
@@ -45,6 +47,8 @@ impl AdamWArgs {
             mode: 0,
             half_levels: 0.0,
             group: 0,
+            copy_group: 0,
+            copy_half_levels: 0.0,
         }
     }
 }
@@ -75,8 +79,10 @@ pub fn applies(x: &Tensor, g: &Tensor) -> bool {
 
 /// One AdamW step of `x` in place, with `m`, `v` (f32, x's shape) updated in place too; `clip` is the
 /// 0-d clipping factor. A uniform grid's q(x) is computed inside the kernel; a level grid's is passed.
-/// Only when `applies(x, g)`.
+/// With `copy`, the same pass writes the updated x (or its point on the grid given) in bf16 into the
+/// copy's tensor (x's shape, contiguous). Only when `applies(x, g)`.
 #[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
 pub fn step_in_place(
     x: &Tensor,
     m: &Tensor,
@@ -85,6 +91,7 @@ pub fn step_in_place(
     clip: &Tensor,
     update: &Update,
     mut args: AdamWArgs,
+    copy: Option<(&Tensor, Option<&super::weight::OnGrid>)>,
 ) -> Result<()> {
     use super::cuda::{self, Arg};
     let op = "fused-adamw";
@@ -115,6 +122,23 @@ pub fn step_in_place(
         ),
         None => (None, None),
     };
+    let (copy, copy_scale) = match copy {
+        Some((out, on_grid)) => {
+            if out.dtype() != DType::BF16 || out.dims() != x.dims() || !out.is_contiguous() {
+                candle_core::bail!("{op}: the compute copy must be a contiguous bf16 tensor of x's shape");
+            }
+            let scale = match on_grid {
+                Some(grid) => {
+                    args.copy_half_levels = grid.half_levels as f32;
+                    args.copy_group = (x.elem_count() / grid.scale.elem_count()) as u64;
+                    Some(f32_contiguous(&grid.scale)?)
+                }
+                None => None,
+            };
+            (Some(out.clone()), scale)
+        }
+        None => (None, None),
+    };
     let g = g.contiguous()?;
     let clip = f32_contiguous(clip)?;
     let address = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0u64), |t| cuda::tensor_ptr(t, op));
@@ -125,7 +149,16 @@ pub fn step_in_place(
         .into_iter()
         .map(|t| Ok(Arg::Ptr(cuda::tensor_ptr(t, op)?)))
         .collect::<Result<_>>()?;
-    all.extend([address(&coef)?, address(&q)?, address(&scale)?].map(Arg::Ptr));
+    all.extend(
+        [
+            address(&coef)?,
+            address(&q)?,
+            address(&scale)?,
+            address(&copy)?,
+            address(&copy_scale)?,
+        ]
+        .map(Arg::Ptr),
+    );
     all.extend([Arg::AdamW(args), Arg::Len(x.elem_count())]);
     cuda::launch(dev, "adamw_f32", cuda::elementwise(x.elem_count()), &all)
 }

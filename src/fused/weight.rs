@@ -31,24 +31,35 @@ pub fn compute_copy_accumulating(w: &Tensor, grid: Option<OnGrid>, dtype: DType,
             acc.dims()
         );
     }
-    let grid = match grid {
-        Some(g) => Some(OnGrid {
-            scale: g.scale.to_dtype(w.dtype())?.contiguous()?,
-            half_levels: g.half_levels,
-        }),
-        None => None,
-    };
-    w.contiguous()?.apply_op1(ComputeCopy {
-        dtype,
-        grid,
-        acc: acc.clone(),
-    })
+    w.contiguous()?
+        .apply_op1(ComputeCopy::new(w, grid, dtype, Some(acc.clone()))?)
+}
+
+/// [`compute_copy_accumulating`]'s forward alone: `w` put on `grid` if given, cast to `dtype`, no
+/// gradient (the optimizer's next-step copy where its kernel does not write one itself).
+pub fn compute_copy(w: &Tensor, grid: Option<OnGrid>, dtype: DType) -> Result<Tensor> {
+    w.contiguous()?
+        .apply_op1_no_bwd(&ComputeCopy::new(w, grid, dtype, None)?)
 }
 
 struct ComputeCopy {
     dtype: DType,
     grid: Option<OnGrid>,
-    acc: Tensor,
+    acc: Option<Tensor>,
+}
+
+impl ComputeCopy {
+    /// The grid's scale in `w`'s dtype, contiguous, as the kernels read it.
+    fn new(w: &Tensor, grid: Option<OnGrid>, dtype: DType, acc: Option<Tensor>) -> Result<Self> {
+        let grid = match grid {
+            Some(g) => Some(OnGrid {
+                scale: g.scale.to_dtype(w.dtype())?.contiguous()?,
+                half_levels: g.half_levels,
+            }),
+            None => None,
+        };
+        Ok(ComputeCopy { dtype, grid, acc })
+    }
 }
 
 impl CustomOp1 for ComputeCopy {
@@ -120,7 +131,9 @@ impl CustomOp1 for ComputeCopy {
     }
 
     fn bwd(&self, _w: &Tensor, _copy: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        add_into(&self.acc, grad)?;
+        if let Some(acc) = &self.acc {
+            add_into(acc, grad)?;
+        }
         Ok(None)
     }
 }

@@ -107,6 +107,9 @@ pub struct Trainer {
     pub rank: Rank,
     /// Phase timings (bench only): each `mark` synchronizes the device, so it is off in training.
     pub profile: Option<Profile>,
+    /// The compute copies the last optimizer step wrote with its updates, read by the next step's
+    /// forward instead of casting the weights again (`step::Trainer::step_weights`).
+    pub next_copies: BTreeMap<String, step::WrittenCopy>,
 }
 
 /// Accumulated wall time per phase of the step, and the peak device memory seen at the marks.
@@ -297,6 +300,7 @@ impl Trainer {
             model_cfg: loaded.cfg,
             rank,
             profile: None,
+            next_copies: BTreeMap::new(),
         })
     }
 

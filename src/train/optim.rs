@@ -25,6 +25,15 @@ pub struct AdamW {
 }
 
 pub use crate::fused::adamw::Update;
+use crate::fused::weight::{self, OnGrid};
+
+/// The compute copy of a weight that the next step's forward reads: its dtype, and the uniform grid it
+/// is put on (the straight-through view), if any.
+#[derive(Clone)]
+pub struct CopySpec {
+    pub dtype: DType,
+    pub on_grid: Option<OnGrid>,
+}
 
 impl AdamW {
     pub fn new(beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
@@ -51,6 +60,38 @@ impl AdamW {
 
     /// One AdamW step of `var` from `grad` scaled by the 0-d clipping factor `clip`.
     pub fn update(&mut self, name: &str, var: &Var, grad: &Tensor, clip: &Tensor, lr: f64, how: Update) -> Result<()> {
+        self.step(name, var, grad, clip, lr, how, None).map(|_| ())
+    }
+
+    /// [`AdamW::update`], returning the next step's compute copy of the updated weight: on CUDA in
+    /// bf16 the update's own pass writes it; elsewhere it is cast after the update.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_with_copy(
+        &mut self,
+        name: &str,
+        var: &Var,
+        grad: &Tensor,
+        clip: &Tensor,
+        lr: f64,
+        how: Update,
+        copy: &CopySpec,
+    ) -> Result<Tensor> {
+        let written = self.step(name, var, grad, clip, lr, how, Some(copy))?;
+        written.ok_or_else(|| anyhow::anyhow!("`{name}`: the update wrote no compute copy"))
+    }
+
+    /// The update, and the compute copy of the result when one is asked for.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        name: &str,
+        var: &Var,
+        grad: &Tensor,
+        clip: &Tensor,
+        lr: f64,
+        how: Update,
+        copy: Option<&CopySpec>,
+    ) -> Result<Option<Tensor>> {
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
@@ -68,8 +109,19 @@ impl AdamW {
                 }
             }
             let args = fused::adamw::AdamWArgs::new(lr, b1, b2, bc1, bc2, self.eps, wd);
-            fused::adamw::step_in_place(x, &self.m[name], &self.v[name], grad, clip, &how, args)?;
-            return Ok(());
+            let out = match copy {
+                // SAFETY: the kernel writes every element of the copy.
+                Some(c) if c.dtype == DType::BF16 => {
+                    Some(unsafe { Tensor::empty(x.shape(), DType::BF16, x.device())? })
+                }
+                _ => None,
+            };
+            let target = out.as_ref().zip(copy).map(|(o, c)| (o, c.on_grid.as_ref()));
+            fused::adamw::step_in_place(x, &self.m[name], &self.v[name], grad, clip, &how, args, target)?;
+            return match out {
+                Some(out) => Ok(Some(out)),
+                None => cast_copy(x, copy),
+            };
         }
         // Detached: optimizer state must never hold an autograd graph (it would grow every step).
         let x = var.as_tensor().detach().to_dtype(DType::F32)?;
@@ -101,6 +153,14 @@ impl AdamW {
         var.set(&next.to_dtype(var.dtype())?)?;
         self.m.insert(name.to_string(), m);
         self.v.insert(name.to_string(), v);
-        Ok(())
+        cast_copy(var.as_tensor(), copy)
     }
+}
+
+/// The compute copy of `x` as `copy` asks, by the separate cast (the CPU path, and other dtypes).
+fn cast_copy(x: &Tensor, copy: Option<&CopySpec>) -> Result<Option<Tensor>> {
+    Ok(match copy {
+        Some(c) => Some(weight::compute_copy(x, c.on_grid.clone(), c.dtype)?),
+        None => None,
+    })
 }

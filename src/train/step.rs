@@ -2,19 +2,34 @@
 //! grad norm) after the micro-batches: it feeds the NaN guard and the λ controller.
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 
-use super::optim::Update;
+use super::optim::{AdamW, CopySpec, Update};
 use super::{schedule, Trainer};
 use crate::dist::{overlap, ReduceOp};
-use crate::fused::{self, weight};
+use crate::fused::{self, weight, Kernels};
 use crate::model::llama::{is_norm_gain, EMBEDDING, HEAD};
 use crate::quant::grid::TensorGrid;
 use crate::quant::{dist_loss, harden, stats, Method, Pull, View};
 
 type StepWeights = BTreeMap<String, Tensor>;
+
+/// A compute copy the optimizer step wrote for the next forward (`Trainer::next_copies`), and the grid
+/// it is on (its scale tensor and half-levels), so that a changed view is never read from it.
+pub struct WrittenCopy {
+    pub copy: Tensor,
+    grid: Option<(candle_core::TensorId, f64)>,
+}
+
+fn grid_key(on_grid: &Option<weight::OnGrid>) -> Option<(candle_core::TensorId, f64)> {
+    on_grid.as_ref().map(|g| (g.scale.id(), g.half_levels))
+}
+
+/// Weights whose compute copy the optimizer step writes for the next forward: variable name →
+/// (its name among the step weights, what the copy is).
+type CopyPlan = BTreeMap<String, (String, CopySpec)>;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StepReport {
@@ -42,7 +57,15 @@ impl Trainer {
     /// f32 master, looked up by `fused::embedding`, and a tied head gets its own compute copy; other
     /// views of selected tensors are built on an accumulating f32 copy; norm gains are the master
     /// weights or their view.
-    fn step_weights(&self, accumulators: &BTreeMap<String, Tensor>) -> Result<(StepWeights, StepWeights)> {
+    /// On the fused kernels (whose ops add the gradients into the accumulators themselves) a copy the
+    /// last optimizer step wrote (`written`) is read instead of casting again, and the returned plan
+    /// asks this step's optimizer to write the next ones (not with learned scales, which move the grid
+    /// after the update).
+    fn step_weights(
+        &self,
+        accumulators: &BTreeMap<String, Tensor>,
+        mut written: BTreeMap<String, WrittenCopy>,
+    ) -> Result<(StepWeights, StepWeights, CopyPlan)> {
         let view = self.train_view();
         let quantizer = self
             .quant
@@ -52,6 +75,31 @@ impl Trainer {
         let dtype = self.compute_dtype;
         let mut weights = BTreeMap::new();
         let mut direct = BTreeMap::new();
+        let mut plan = CopyPlan::new();
+        let reuse = self.model.kernels == Kernels::Fused && self.quant.as_ref().is_none_or(|q| q.scales.is_none());
+        // `x`'s compute copy, named `dest` among the step weights, accumulating into `acc`.
+        let mut copy_of = |var: &str, dest: &str, x: &Tensor, on_grid: Option<weight::OnGrid>, acc: &Tensor| {
+            if reuse {
+                let key = grid_key(&on_grid);
+                plan.insert(
+                    var.to_string(),
+                    (
+                        dest.to_string(),
+                        CopySpec {
+                            dtype,
+                            on_grid: on_grid.clone(),
+                        },
+                    ),
+                );
+                if let Some(w) = written
+                    .remove(dest)
+                    .filter(|w| w.grid == key && w.copy.dtype() == dtype)
+                {
+                    return Ok(w.copy);
+                }
+            }
+            weight::compute_copy_accumulating(x, on_grid, dtype, acc)
+        };
         for (name, var) in &self.params.vars {
             let x = var.as_tensor();
             let selected = quantizer.and_then(|qz| qz.grids.get(name).map(|grid| (qz, grid)));
@@ -61,7 +109,7 @@ impl Trainer {
                 weights.insert(name.clone(), x.clone());
                 direct.insert(name.clone(), acc.clone());
                 if self.model_cfg.tie_word_embeddings {
-                    weights.insert(HEAD.into(), weight::compute_copy_accumulating(x, None, dtype, acc)?);
+                    weights.insert(HEAD.into(), copy_of(name, HEAD, x, None, acc)?);
                     direct.insert(HEAD.into(), acc.clone());
                 }
                 continue;
@@ -90,14 +138,14 @@ impl Trainer {
                 }
                 (Some(acc), _) => {
                     direct.insert(name.clone(), acc.clone());
-                    weight::compute_copy_accumulating(x, on_grid, dtype, acc)?
+                    copy_of(name, name, x, on_grid, acc)?
                 }
                 (None, Some((qz, _))) => qz.view(name, x, view, true)?,
                 (None, None) => x.clone(),
             };
             weights.insert(name.clone(), w);
         }
-        Ok((weights, direct))
+        Ok((weights, direct, plan))
     }
 
     pub fn step(&mut self) -> Result<StepReport> {
@@ -112,6 +160,7 @@ impl Trainer {
         if let Some(q) = &self.quant {
             if q.quantizer.cfg.harden_at == Some(k) {
                 harden::harden(&self.params, &q.quantizer, View::Hard)?;
+                self.next_copies.clear();
             }
         }
 
@@ -121,7 +170,8 @@ impl Trainer {
         // adds their gradients into `accumulators` in place; the norm gains' are summed here.
         // Data-parallel: this rank runs micro-batches rank, rank + world, … of the step's stream.
         let accumulators = self.params.gradient_accumulators()?;
-        let (weights, grads_into) = self.step_weights(&accumulators)?;
+        let written = std::mem::take(&mut self.next_copies);
+        let (weights, grads_into, copy_plan) = self.step_weights(&accumulators, written)?;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = Tensor::zeros((), DType::F32, &self.model.device)?;
         let mut kl_sum = Tensor::zeros((), DType::F32, &self.model.device)?;
@@ -247,10 +297,15 @@ impl Trainer {
         self.bad_steps = 0;
 
         self.opt.begin_step();
+        let mut updates = Updates {
+            opt: &mut self.opt,
+            plan: &copy_plan,
+            written: &mut self.next_copies,
+        };
         match &mut self.quant {
             None => {
                 for (name, var) in &self.params.vars {
-                    self.opt.update(name, var, &grads[name], &clip, lr, Update::Plain)?;
+                    updates.apply(name, var, &grads[name], &clip, lr, Update::Plain)?;
                 }
             }
             Some(q) => {
@@ -282,35 +337,34 @@ impl Trainer {
                 // 6. Optimizer step with the method's treatment of the selected tensors (the grid point
                 // q(x) and the pull are computed inside the fused update).
                 for (name, var) in &self.params.vars {
-                    let g = &grads[name];
                     let weight = || weights[name].to_device(var.device());
-                    match (qc.method, qc.pull, q.quantizer.grids.get(name)) {
+                    let coef; // the pull's coefficient, which the update borrows
+                    let (how, clip) = match (qc.method, qc.pull, q.quantizer.grids.get(name)) {
                         (Method::Prox, Pull::Loss, Some(grid)) if pull > 0.0 => {
-                            let coef = dist_loss::grad_coefficient(&weight()?, names.len(), pull)?;
+                            coef = dist_loss::grad_coefficient(&weight()?, names.len(), pull)?;
                             let how = Update::DistGrad {
                                 task_scale: lambda,
                                 coef: &coef,
                                 grid,
                             };
-                            self.opt.update(name, var, g, &clip, lr, how)?;
+                            (how, &clip)
                         }
-                        (Method::Prox, Pull::Loss, _) => {
-                            self.opt.update(name, var, g, &lambda_clip, lr, Update::Plain)?
-                        }
+                        (Method::Prox, Pull::Loss, _) => (Update::Plain, &lambda_clip),
                         (Method::Prox, Pull::Prox, Some(grid)) => {
-                            let coef = dist_loss::prox_coefficient(pull, &weight()?, lr)?;
+                            coef = dist_loss::prox_coefficient(pull, &weight()?, lr)?;
                             let how = Update::Prox {
                                 task_scale: lambda,
                                 pull: &coef,
                                 grid,
                             };
-                            self.opt.update(name, var, g, &clip, lr, how)?;
+                            (how, &clip)
                         }
-                        _ => self.opt.update(name, var, g, &clip, lr, Update::Plain)?,
-                    }
+                        _ => (Update::Plain, &clip),
+                    };
+                    updates.apply(name, var, &grads[name], clip, lr, how)?;
                 }
                 if let (Some(scales), Some(scale_grads), Some(mult)) = (&mut q.scales, &scale_grads, qc.scale_lr_mult) {
-                    scales.step(&mut self.opt, &mut q.quantizer, scale_grads, &clip, lr * mult)?;
+                    scales.step(updates.opt, &mut q.quantizer, scale_grads, &clip, lr * mult)?;
                 }
                 if qc.method == Method::Prox {
                     // Whether the η·c·s ≤ 1 clamp can bind this step (for the most weakly sensitive tensor).
@@ -336,5 +390,27 @@ impl Trainer {
         self.mark("optimizer+quant")?;
         self.step += 1;
         Ok(report)
+    }
+}
+
+/// The optimizer step's updates, each writing the next step's compute copy of its weight when the
+/// step's plan asks for one.
+struct Updates<'a> {
+    opt: &'a mut AdamW,
+    plan: &'a CopyPlan,
+    written: &'a mut BTreeMap<String, WrittenCopy>,
+}
+
+impl Updates<'_> {
+    fn apply(&mut self, name: &str, var: &Var, grad: &Tensor, clip: &Tensor, lr: f64, how: Update) -> Result<()> {
+        match self.plan.get(name) {
+            Some((dest, spec)) => {
+                let copy = self.opt.update_with_copy(name, var, grad, clip, lr, how, spec)?;
+                let grid = grid_key(&spec.on_grid);
+                self.written.insert(dest.clone(), WrittenCopy { copy, grid });
+            }
+            None => self.opt.update(name, var, grad, clip, lr, how)?,
+        }
+        Ok(())
     }
 }
