@@ -32,6 +32,7 @@ fn tiny_model_overfits_one_batch() {
                 &one,
                 1e-2,
                 Update::Plain,
+                None,
             )
             .unwrap();
         }
@@ -74,7 +75,7 @@ fn adamw_matches_a_hand_computed_pytorch_step() {
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        opt.update("w", &var, &g, &one, lr, Update::Plain).unwrap();
+        opt.update("w", &var, &g, &one, lr, Update::Plain, None).unwrap();
     }
     let got: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
     for i in 0..4 {
@@ -95,6 +96,6 @@ fn adam_state_never_holds_an_autograd_graph() {
     let mut opt = AdamW::new(0.9, 0.95, 1e-8, 0.1);
     let one = Tensor::new(1f32, &Device::Cpu).unwrap();
     opt.begin_step();
-    opt.update("w", &var, &grad, &one, 1e-2, Update::Plain).unwrap();
+    opt.update("w", &var, &grad, &one, 1e-2, Update::Plain, None).unwrap();
     assert!(!opt.m["w"].track_op() && !opt.v["w"].track_op());
 }

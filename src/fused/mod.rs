@@ -92,7 +92,7 @@ pub(crate) trait Backward1: Send + Sync + 'static {
 }
 
 /// `out`, computed by ordinary tensor ops on the detached `arg`, entered into autograd as one node over
-/// `arg` whose backward is `backward` (the MLP, the head with its loss).
+/// `arg` whose backward is `backward` (the MLP, the head with its loss, the decoder blocks).
 pub(crate) fn node1(out: Tensor, arg: &Tensor, backward: impl Backward1) -> Result<Tensor> {
     let out = Precomputed::new(out, backward.name());
     arg.apply_op1(Node1 { out, backward })
@@ -134,8 +134,8 @@ pub(crate) trait Backward3: Send + Sync + 'static {
 }
 
 /// `out`, computed by ordinary tensor ops on detached inputs, entered into autograd as one node over
-/// `args` whose backward is `backward` (a node with a written-out backward: the fused decoder block and
-/// attention, a checkpointed block).
+/// `args` whose backward is `backward` (a node with a written-out backward: the fused attention, a
+/// checkpointed block).
 pub(crate) fn node3(out: Tensor, args: [&Tensor; 3], backward: impl Backward3) -> Result<Tensor> {
     let out = Precomputed::new(out, backward.name());
     args[0].apply_op3(args[1], args[2], Node3 { out, backward })

@@ -71,7 +71,15 @@ impl LearnedScales {
         lr: f64,
     ) -> Result<()> {
         for (name, master) in &self.masters {
-            opt.update(&format!("scale.{name}"), master, &grads[name], clip, lr, Update::Plain)?;
+            opt.update(
+                &format!("scale.{name}"),
+                master,
+                &grads[name],
+                clip,
+                lr,
+                Update::Plain,
+                None,
+            )?;
             let grid = quantizer.grids.get_mut(name).expect("a master per grid");
             grid.set_scale(master.as_tensor())?;
         }

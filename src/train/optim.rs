@@ -58,31 +58,11 @@ impl AdamW {
         self.t += 1;
     }
 
-    /// One AdamW step of `var` from `grad` scaled by the 0-d clipping factor `clip`.
-    pub fn update(&mut self, name: &str, var: &Var, grad: &Tensor, clip: &Tensor, lr: f64, how: Update) -> Result<()> {
-        self.step(name, var, grad, clip, lr, how, None).map(|_| ())
-    }
-
-    /// [`AdamW::update`], returning the next step's compute copy of the updated weight: on CUDA in
-    /// bf16 the update's own pass writes it; elsewhere it is cast after the update.
+    /// One AdamW step of `var` from `grad` scaled by the 0-d clipping factor `clip`; with `copy`, also
+    /// the next step's compute copy of the updated weight (on CUDA in bf16 the update's own pass writes
+    /// it; elsewhere it is cast after the update).
     #[allow(clippy::too_many_arguments)]
-    pub fn update_with_copy(
-        &mut self,
-        name: &str,
-        var: &Var,
-        grad: &Tensor,
-        clip: &Tensor,
-        lr: f64,
-        how: Update,
-        copy: &CopySpec,
-    ) -> Result<Tensor> {
-        let written = self.step(name, var, grad, clip, lr, how, Some(copy))?;
-        written.ok_or_else(|| anyhow::anyhow!("`{name}`: the update wrote no compute copy"))
-    }
-
-    /// The update, and the compute copy of the result when one is asked for.
-    #[allow(clippy::too_many_arguments)]
-    fn step(
+    pub fn update(
         &mut self,
         name: &str,
         var: &Var,

@@ -403,13 +403,13 @@ struct Updates<'a> {
 
 impl Updates<'_> {
     fn apply(&mut self, name: &str, var: &Var, grad: &Tensor, clip: &Tensor, lr: f64, how: Update) -> Result<()> {
-        match self.plan.get(name) {
-            Some((dest, spec)) => {
-                let copy = self.opt.update_with_copy(name, var, grad, clip, lr, how, spec)?;
-                let grid = grid_key(&spec.on_grid);
-                self.written.insert(dest.clone(), WrittenCopy { copy, grid });
-            }
-            None => self.opt.update(name, var, grad, clip, lr, how)?,
+        let plan = self.plan.get(name);
+        let copy = self
+            .opt
+            .update(name, var, grad, clip, lr, how, plan.map(|(_, spec)| spec))?;
+        if let (Some((dest, spec)), Some(copy)) = (plan, copy) {
+            let grid = grid_key(&spec.on_grid);
+            self.written.insert(dest.clone(), WrittenCopy { copy, grid });
         }
         Ok(())
     }
