@@ -99,9 +99,9 @@ impl LayerWeights {
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(fused::block::LayerTensors {
             gains: self.gains()?,
-            gain_acc: two(gain_acc)?,
-            w: seven(w)?,
-            acc: seven(acc)?,
+            gain_acc: array(gain_acc)?,
+            w: array(w)?,
+            acc: array(acc)?,
         }))
     }
 
@@ -128,14 +128,10 @@ impl LayerWeights {
     }
 }
 
-fn seven<T>(v: Vec<T>) -> Result<[T; 7]> {
+/// A layer's tensors of one kind (its seven projections, its two gains) as an array.
+fn array<T, const N: usize>(v: Vec<T>) -> Result<[T; N]> {
     v.try_into()
-        .map_err(|_| anyhow::anyhow!("a decoder block has seven projections"))
-}
-
-fn two<T>(v: Vec<T>) -> Result<[T; 2]> {
-    v.try_into()
-        .map_err(|_| anyhow::anyhow!("a decoder block has two norm gains"))
+        .map_err(|v: Vec<T>| anyhow::anyhow!("a decoder block has {N} of these, got {}", v.len()))
 }
 
 impl Block {
