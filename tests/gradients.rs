@@ -589,30 +589,41 @@ fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches()
     }
 }
 
+/// The tiny model's two training configs, written under `dir`: plain, and Prox-QAT with the prox pull
+/// and the task gradient at q(x).
+fn plain_and_prox_configs(dir: &std::path::Path) -> [(&'static str, std::path::PathBuf); 2] {
+    let model = dir.join("tiny");
+    common::tiny_model_dir(&model, 4);
+    let prox = "[quant]\nmethod = \"prox\"\npull = \"prox\"\ngrad_at = \"q\"\ndist_scale = 10.0\n";
+    [("plain", ""), ("prox", prox)].map(|(label, extra)| (label, common::tiny_config(dir, &model, extra)))
+}
+
+fn trainer(cfg: &std::path::Path, kernels: &str, steps: usize) -> proxqat::train::Trainer {
+    let sets = [
+        format!("train.kernels=\"{kernels}\""),
+        format!("train.max_steps={steps}"),
+    ];
+    proxqat::train::Trainer::new(proxqat::config::Config::load(cfg, &sets).unwrap(), None).unwrap()
+}
+
 #[test]
 fn fused_and_reference_training_steps_make_the_same_updates() {
     // The whole step on the CPU (f32): fused linear, fused embedding lookup and the tied head's compute
     // copy against candle's autograd through the reference kernels, plain and with Prox-QAT at q(x).
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    common::tiny_model_dir(&model, 4);
-    let prox = "[quant]\nmethod = \"prox\"\npull = \"prox\"\ngrad_at = \"q\"\ndist_scale = 10.0\n";
-    for extra in ["", prox] {
-        let cfg = common::tiny_config(tmp.path(), &model, extra);
+    for (label, cfg) in plain_and_prox_configs(tmp.path()) {
         let run = |kernels: &str| {
-            let sets = [format!("train.kernels=\"{kernels}\""), "train.max_steps=3".into()];
-            let cfg = proxqat::config::Config::load(&cfg, &sets).unwrap();
-            let mut trainer = proxqat::train::Trainer::new(cfg, None).unwrap();
+            let mut trainer = trainer(&cfg, kernels, 3);
             let losses: Vec<f64> = (0..3).map(|_| trainer.step().unwrap().loss).collect();
             (losses, trainer.params.to_tensors())
         };
         let ((lf, wf), (lr, wr)) = (run("fused"), run("reference"));
         for (a, b) in lf.iter().zip(&lr) {
-            assert!((a - b).abs() < 1e-5 * b.abs(), "loss {a} vs {b} ({extra:?})");
+            assert!((a - b).abs() < 1e-5 * b.abs(), "loss {a} vs {b} ({label})");
         }
         for (name, a) in &wf {
             let d = max_diff(a, &wr[name]);
-            assert!(d < 1e-5, "{name}: {d:.2e} after 3 steps ({extra:?})");
+            assert!(d < 1e-5, "{name}: {d:.2e} after 3 steps ({label})");
         }
     }
 }
@@ -623,15 +634,9 @@ fn compute_copies_written_by_the_optimizer_equal_casting_the_updated_weights() {
     // Prox-QAT's task gradient at q(x)); dropping them before every step makes it cast instead. The
     // two runs must be the same bits.
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    common::tiny_model_dir(&model, 4);
-    let prox = "[quant]\nmethod = \"prox\"\npull = \"prox\"\ngrad_at = \"q\"\ndist_scale = 10.0\n";
-    for extra in ["", prox] {
-        let cfg = common::tiny_config(tmp.path(), &model, extra);
+    for (label, cfg) in plain_and_prox_configs(tmp.path()) {
         let run = |reuse: bool| {
-            let sets = ["train.kernels=\"fused\"".to_string(), "train.max_steps=4".into()];
-            let cfg = proxqat::config::Config::load(&cfg, &sets).unwrap();
-            let mut trainer = proxqat::train::Trainer::new(cfg, None).unwrap();
+            let mut trainer = trainer(&cfg, "fused", 4);
             let mut written = vec![];
             let losses: Vec<f64> = (0..4)
                 .map(|_| {
@@ -647,23 +652,21 @@ fn compute_copies_written_by_the_optimizer_equal_casting_the_updated_weights() {
         };
         let ((l_reuse, w_reuse, written), (l_cast, w_cast, _)) = (run(true), run(false));
         // And they are what the next forward reads: zeroed, they change its loss.
-        let sets = ["train.kernels=\"fused\"".to_string(), "train.max_steps=4".into()];
-        let mut trainer =
-            proxqat::train::Trainer::new(proxqat::config::Config::load(&cfg, &sets).unwrap(), None).unwrap();
-        trainer.step().unwrap();
-        for w in trainer.next_copies.values_mut() {
+        let mut zeroed = trainer(&cfg, "fused", 4);
+        zeroed.step().unwrap();
+        for w in zeroed.next_copies.values_mut() {
             w.copy = w.copy.zeros_like().unwrap();
         }
         assert_ne!(
-            trainer.step().unwrap().loss,
+            zeroed.step().unwrap().loss,
             l_reuse[1],
-            "zeroed copies left the loss as it was ({extra:?})"
+            "zeroed copies left the loss as it was ({label})"
         );
         // Every projection of the tiny model (2 layers × 7) and the tied head.
-        assert_eq!(written, vec![15; 4], "copies written per step ({extra:?})");
-        assert_eq!(l_reuse, l_cast, "losses ({extra:?})");
+        assert_eq!(written, vec![15; 4], "copies written per step ({label})");
+        assert_eq!(l_reuse, l_cast, "losses ({label})");
         for (name, a) in &w_reuse {
-            assert_eq!(max_diff(a, &w_cast[name]), 0.0, "{name} ({extra:?})");
+            assert_eq!(max_diff(a, &w_cast[name]), 0.0, "{name} ({label})");
         }
     }
 }
