@@ -165,9 +165,10 @@ impl Trainer {
         }
 
         // 2. Micro-batches: forward at the training view, backward f/accum, accumulate gradients.
-        // The weights do not change within a step: cast (and quantize, for STE / grad at q) once, and
-        // let every micro-batch's backward run through the same graph nodes. The matrices' backward
-        // adds their gradients into `accumulators` in place; the norm gains' are summed here.
+        // The weights do not change within a step: cast (and quantize, for STE / grad at q) once, or
+        // take the copies the last update wrote, and let every micro-batch's backward run through the
+        // same graph nodes. The matrices' backward adds their gradients into `accumulators` in place
+        // (the norm gains' too in the fused block stack); what comes through autograd is summed here.
         // Data-parallel: this rank runs micro-batches rank, rank + world, … of the step's stream.
         let accumulators = self.params.gradient_accumulators()?;
         let written = std::mem::take(&mut self.next_copies);
