@@ -91,23 +91,23 @@ fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &Blo
 /// The composed graph's backward, node by node: the MLP (its three weight gradients), the
 /// post-attention norm with the residual's gradient added (and its compute copy for o_proj) in the
 /// same pass; o_proj, the attention, RoPE⁻¹ on dq and dk, the q/k/v weight gradients, the input norm
-/// with the residual added. Returns `∂L/∂x` and the two gains' gradients.
+/// with the residual added. `grad` is `∂L/∂out` with its copy in the compute dtype; returns `∂L/∂x`
+/// and its compute-dtype copy (written by the input norm's backward pass: the block below needs both,
+/// and casting again would be one more pass) and the two gains' gradients.
 fn backward(
     s: Saved,
     [g_in, g_post]: [&Tensor; 2],
     w: [&Tensor; 7],
     acc: [&Tensor; 7],
     spec: &BlockSpec,
-    grad: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    [grad, grad_compute]: [&Tensor; 2],
+) -> Result<([Tensor; 2], [Tensor; 2])> {
     let [wq, wk, wv, wo, w_gate, w_up, w_down] = w;
     let [aq, ak, av, ao, a_gate, a_up, a_down] = acc;
     let (b, t, d) = s.x.dims3()?;
     let (h, kv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
     let rows = b * t;
-    let grad = grad.detach().contiguous()?;
-
-    let dz = grad.reshape((rows, d))?.to_dtype(spec.compute)?;
+    let dz = grad_compute.reshape((rows, d))?;
     let dm = mlp_backward(
         &s.m,
         &s.gate,
@@ -120,7 +120,7 @@ fn backward(
         &s.x1,
         g_post,
         &dm.reshape((b, t, d))?,
-        Some(&grad),
+        Some(grad),
         spec.eps,
         spec.compute,
     )?;
@@ -136,9 +136,9 @@ fn backward(
         overlap::accumulated(acc)?;
     }
     let da = sum_of_products(&[(&dq, wq), (&dk, wk), (&dv, wv)])?;
-    let (dx, _, dg_in) =
-        rms_norm_backward_with_residual(&s.x, g_in, &da.reshape((b, t, d))?, Some(&dx1), spec.eps, s.x.dtype())?;
-    Ok((dx, dg_in, dg_post))
+    let (dx, dx_compute, dg_in) =
+        rms_norm_backward_with_residual(&s.x, g_in, &da.reshape((b, t, d))?, Some(&dx1), spec.eps, spec.compute)?;
+    Ok(([dx, dx_compute], [dg_in, dg_post]))
 }
 
 /// One layer's tensors for [`decoder_stack`]: the two RMSNorm gains (input, post-attention) and the
@@ -208,21 +208,25 @@ impl Backward1 for DecoderStack {
             .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned", self.name())))?
             .take()
             .ok_or_else(|| candle_core::Error::Msg(format!("{}: backward run twice", self.name())))?;
-        let mut grad = grad.detach().contiguous()?;
+        // ∂L/∂x of the block above and its compute-dtype copy, from block to block.
+        let grad = grad.detach().contiguous()?;
+        let grad_compute = grad.to_dtype(self.spec.compute)?;
+        let mut grads = [grad, grad_compute];
         for (l, k) in self.layers.iter().zip(kept).rev() {
             let (gains, w) = (l.gains.each_ref(), l.w.each_ref());
             let saved = match k {
                 Kept::Saved(s) => s,
                 Kept::Input(x) => forward(&x, gains, w, &self.spec)?.1,
             };
-            let (dx, dg_in, dg_post) = backward(saved, gains, w, l.acc.each_ref(), &self.spec, &grad)?;
-            for (acc, g) in l.gain_acc.iter().zip([&dg_in, &dg_post]) {
+            let (dx, dgains) = backward(saved, gains, w, l.acc.each_ref(), &self.spec, grads.each_ref())?;
+            for (acc, g) in l.gain_acc.iter().zip(&dgains) {
                 add_into(acc, g)?;
                 overlap::accumulated(acc)?;
             }
-            grad = dx;
+            grads = dx;
         }
-        Ok(Some(grad))
+        let [dx, _] = grads;
+        Ok(Some(dx))
     }
 }
 
