@@ -15,6 +15,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
+def timed(fn, n):
+    """Mean seconds of `n` calls of `fn`, the device drained at the end (and idle at the start)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
 def main():
     mb, seq, gb, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     accum = gb // mb
@@ -54,22 +63,9 @@ def main():
     train_step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    n_steps = 2
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        train_step()
-    torch.cuda.synchronize()
-    step = (time.perf_counter() - t0) / n_steps
-    n_micro = 8
-    t0 = time.perf_counter()
-    for _ in range(n_micro):
-        micro()
-    torch.cuda.synchronize()
-    t_micro = (time.perf_counter() - t0) / n_micro
-    t0 = time.perf_counter()
-    optim()
-    torch.cuda.synchronize()
-    t_opt = time.perf_counter() - t0
+    step = timed(train_step, 2)
+    t_micro = timed(micro, 8)
+    t_opt = timed(optim, 1)
     tokens = gb * seq
     print(json.dumps({"impl": f"torch-{mode}", "micro_batch": mb, "seq": seq, "global_batch": gb,
                       "ms_micro_step": 1e3 * t_micro, "ms_optimizer": 1e3 * t_opt, "ms_step": 1e3 * step,
