@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU time per kernel of `proxqat bench` under Nsight Compute: one warm-up and one profiled step of one
 # micro-batch (global batch = micro-batch), Llama-3.2-1B shape. Prints the kernels by total time.
-# usage (on the GPU machine): [MB=4] [CACHE=none] scripts/experiments/ncu-kernels.sh BIN ASSETS OUT [bench flags]
+# usage (on the GPU machine): [MB=4] [GB=MB] [CACHE=none] scripts/experiments/ncu-kernels.sh BIN ASSETS OUT [bench flags]
 # (CACHE=none: keep the caches between kernels, as in a real run; ncu's default flushes them first.)
 set -uo pipefail
 bin=$1; assets=$2; out=$3; shift 3
@@ -12,7 +12,7 @@ mkdir -p "$out"
 # --clock-control none: the GPU's own clocks (ncu's default locks them at base, which read the GEMMs
 # ~25 % slower than they run).
 /usr/local/cuda/bin/ncu --clock-control none --cache-control ${CACHE:-all} --metrics gpu__time_duration.sum --csv --print-units base \
-  "$bin" bench --tokenizer "$assets/llama3.2-tokenizer.json" --micro-batch ${MB:-4} --global-batch ${MB:-4} --steps 0 "$@" \
+  "$bin" bench --tokenizer "$assets/llama3.2-tokenizer.json" --micro-batch ${MB:-4} --global-batch ${GB:-${MB:-4}} --steps 0 "$@" \
   > "$out/ncu.csv" 2> "$out/ncu.err" || { tail -5 "$out/ncu.err"; exit 1; }
 python3 - "$out/ncu.csv" <<'PY'
 import csv, sys, collections
