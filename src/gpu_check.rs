@@ -95,6 +95,32 @@ pub fn parity(cuda: &Device) -> Result<bool> {
                 )?)
             }),
         ),
+        // Rows wider than 4 columns per thread of a 1024-thread block: the backward's 2- and 4-group
+        // variants (d = 5001 on the scalar path, 9000 on the 16-byte one).
+        (
+            "fused rms_norm (5001 wide)",
+            vec![randn(&[3, 5001], 70, 1.0)?, randn(&[5001], 71, 1.0)?],
+            Box::new(move |x| {
+                Ok(fused::rms_norm::rms_norm(
+                    &f32_of(&x[0])?,
+                    &f32_of(&x[1])?,
+                    1e-5,
+                    x[0].dtype(),
+                )?)
+            }),
+        ),
+        (
+            "fused rms_norm (9000 wide)",
+            vec![randn(&[3, 9000], 72, 1.0)?, randn(&[9000], 73, 1.0)?],
+            Box::new(move |x| {
+                Ok(fused::rms_norm::rms_norm(
+                    &f32_of(&x[0])?,
+                    &f32_of(&x[1])?,
+                    1e-5,
+                    x[0].dtype(),
+                )?)
+            }),
+        ),
         (
             "fused rope (+transpose)",
             vec![randn(&[2, 12, 4 * 16], 3, 1.0)?],
@@ -384,10 +410,11 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         });
     }
     // The fused embedding lookup: rows, and the rows' gradients (ids repeat) added into the table's f32
-    // accumulator over two backward passes, for f32 and bf16 tables (and gradients).
-    for dtype in [DType::F32, DType::BF16] {
+    // accumulator over two backward passes, for f32 and bf16 tables (and gradients); then 3,000 tokens
+    // of 7 ids (more tokens than the ordering kernel's threads, hundreds of rows per id).
+    for (dtype, tokens, vocab) in [(DType::F32, 300, 50), (DType::BF16, 300, 50), (DType::F32, 3000, 7)] {
         let table = randn(&[50, 96], 49, 1.0)?;
-        let ids: Vec<u32> = (0..300u32).map(|i| (i * 7 + i / 13) % 50).collect();
+        let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7 + i / 13) % vocab).collect();
         let run = |device: &Device| -> Result<(Tensor, Tensor)> {
             let dt = if device.is_cuda() { dtype } else { DType::F32 };
             let table = Var::from_tensor(&table.to_device(device)?.to_dtype(dt)?)?;
@@ -396,7 +423,7 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             let mut looked_up = None;
             for seed in [50, 51] {
                 let out = fused::embedding::embedding(table.as_tensor(), &ids, &acc)?;
-                let probe = randn(&[300, 96], seed, 1.0)?.to_device(device)?.to_dtype(dt)?;
+                let probe = randn(&[tokens, 96], seed, 1.0)?.to_device(device)?.to_dtype(dt)?;
                 let _ = (&out * probe)?.sum_all()?.backward()?;
                 looked_up = Some(out.to_dtype(DType::F32)?);
             }
@@ -404,7 +431,7 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         };
         let ((out, acc), (out_ref, acc_ref)) = (run(cuda)?, run(&Device::Cpu)?);
         rows.push(Row {
-            name: "fused embedding rows, accumulated grad".into(),
+            name: format!("fused embedding rows, accumulated grad ({tokens} tokens)"),
             dtype,
             err: rel_err(&out, &out_ref)?.max(rel_err(&acc, &acc_ref)?),
             tol: if dtype == DType::F32 { 1e-5 } else { 2e-2 },

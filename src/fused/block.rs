@@ -128,8 +128,8 @@ fn backward(
     add_product_into(ao, &dy, &s.o)?;
     overlap::accumulated(ao)?;
     let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &dy.matmul(wo)?)?;
-    let dq = rope_backward(&dq, &spec.cos, &spec.sin)?.reshape((rows, h * hd))?;
-    let dk = rope_backward(&dk, &spec.cos, &spec.sin)?.reshape((rows, kv * hd))?;
+    let dq = rope_backward(&dq, &spec.cos, &spec.sin, dv.dtype())?.reshape((rows, h * hd))?;
+    let dk = rope_backward(&dk, &spec.cos, &spec.sin, dv.dtype())?.reshape((rows, kv * hd))?;
     let dv = dv.reshape((rows, kv * hd))?;
     for (acc, g) in [(aq, &dq), (ak, &dk), (av, &dv)] {
         add_product_into(acc, g, &s.a)?;
@@ -247,7 +247,8 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Option<Tenso
     Ok((o.reshape((b * t, h * hd))?, None))
 }
 
-/// `(dq, dk, dv)` in the layouts of q, k and v from the output rows' gradient `d_o: (B·T, H·D)`.
+/// `(dq, dk, dv)` in the layouts of q, k and v from the output rows' gradient `d_o: (B·T, H·D)`; dv in
+/// the compute dtype, dq and dk in it or (flash) as f32 sums that RoPE's backward rounds.
 fn attention_backward(
     q: &Tensor,
     k: &Tensor,

@@ -130,27 +130,55 @@ impl InplaceOp3 for AddRows {
             candle_core::bail!("{op}: {tokens} tokens exceed the kernel's 32-bit token index");
         }
         let ids = cuda::ptr(ids, il, op)?;
-        // link[t] (the next token with t's id) then first[t], written by `embedding_links`.
-        let (_links, link) = cuda::alloc(&g.device, DType::U32, 2 * tokens, op)?;
-        let first = link + 4 * tokens as u64;
+        // Per token: its id's first token, its rank among that id's tokens, their count, the id's
+        // offset in `order`, and `order` (the tokens grouped by id) — see the kernels.
+        let (_scratch, first) = cuda::alloc(&g.device, DType::U32, 5 * tokens, op)?;
+        let [rank, count, offset, order] = [1u64, 2, 3, 4].map(|k| first + 4 * k * tokens as u64);
+        let warps_per_block = 8;
         let cfg = LaunchConfig {
-            grid_dim: (tokens.div_ceil(256).max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (tokens.div_ceil(warps_per_block).max(1) as u32, 1, 1),
+            block_dim: (32 * warps_per_block as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let args = [Arg::Ptr(ids), Arg::Ptr(link), Arg::Ptr(first), Arg::I32(tokens as i32)];
-        cuda::launch(&g.device, "embedding_links", cfg, &args)?;
+        let args = [
+            Arg::Ptr(ids),
+            Arg::Ptr(first),
+            Arg::Ptr(rank),
+            Arg::Ptr(count),
+            Arg::I32(tokens as i32),
+        ];
+        cuda::launch(&g.device, "embedding_ranks", cfg, &args)?;
+        let args = [
+            Arg::Ptr(first),
+            Arg::Ptr(rank),
+            Arg::Ptr(count),
+            Arg::Ptr(offset),
+            Arg::Ptr(order),
+            Arg::I32(tokens as i32),
+        ];
+        cuda::launch(&g.device, "embedding_order", cuda::rows(1, 1024), &args)?;
         let args = [
             Arg::Ptr(cuda::ptr(acc, al, op)?),
             Arg::Ptr(cuda::ptr(g, gl, op)?),
             Arg::Ptr(ids),
-            Arg::Ptr(link),
             Arg::Ptr(first),
+            Arg::Ptr(count),
+            Arg::Ptr(offset),
+            Arg::Ptr(order),
             Arg::Len(tokens),
             Arg::Len(dim),
         ];
         let kernel = format!("embedding_bwd_{}", cuda::suffix(g.dtype(), op)?);
-        let cfg = cuda::rows(tokens.clamp(1, cuda::REDUCTION_BLOCKS), 256);
+        let columns = 128;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                tokens.clamp(1, cuda::REDUCTION_BLOCKS) as u32,
+                dim.div_ceil(columns) as u32,
+                1,
+            ),
+            block_dim: (columns as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         cuda::launch(&g.device, &kernel, cfg, &args)
     }
 }

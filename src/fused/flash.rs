@@ -136,8 +136,9 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     ))
 }
 
-/// `(dq, dk, dv)` in q's dtype and shapes `(B, H, T, D)`, `(B, KV, T, D)`, `(B, T, KV, D)` from the
-/// forward's `o` and `lse` and the output gradient `d_o: (B, T, H, D)`:
+/// `(dq, dk, dv)` of shapes `(B, H, T, D)`, `(B, KV, T, D)`, `(B, T, KV, D)` from the forward's `o` and
+/// `lse` and the output gradient `d_o: (B, T, H, D)`, in q's dtype (on CUDA dq and dk as the kernel's f32
+/// sums, which RoPE's backward rounds once):
 /// `P = exp(scale·q·kᵀ − lse)`, `dv = Pᵀ·do`, `dS = P ∘ (do·vᵀ − rowsum(o ∘ do))·scale`,
 /// `dq = dS·k`, `dk = dSᵀ·q`.
 pub fn backward(
@@ -335,7 +336,7 @@ mod cuda {
             shared_mem_bytes: 0,
         };
         launch(&dev, "flash_bwd_bf16", grid, &args)?;
-        let bf16 = |x: Tensor| x.to_dtype(DType::BF16);
-        Ok((bf16(dq)?, bf16(dk)?, bf16(dv)?))
+        // dq and dk stay f32: RoPE's backward reads them and rounds once, to bf16.
+        Ok((dq, dk, dv.to_dtype(DType::BF16)?))
     }
 }

@@ -2,8 +2,7 @@
 //! the attention layout `(B, H, T, D)`, rotated. The backward is the same kernel run the other way (the
 //! inverse rotation, which is the transpose of a rotation).
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use super::{cpu_storage, host_f64};
 
@@ -14,6 +13,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tens
         sin: sin.contiguous()?,
         heads,
         inverse: false,
+        out: x.dtype(),
     };
     x.contiguous()?.apply_op1(op)
 }
@@ -24,6 +24,8 @@ struct Rope {
     heads: usize,
     /// false: `(B, T, H·D)` → `(B, H, T, D)`, +angle. true: `(B, H, T, D)` → `(B, T, H·D)`, −angle.
     inverse: bool,
+    /// The output's dtype: the input's, or bf16 from f32 (the backward of flash attention's f32 sums).
+    out: DType,
 }
 
 impl Rope {
@@ -88,12 +90,13 @@ impl CustomOp1 for Rope {
                 }
             }
         }
-        Ok((cpu_storage(out, s.dtype())?, self.out_shape((b, t, h, d))))
+        Ok((cpu_storage(out, self.out)?, self.out_shape((b, t, h, d))))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{self, Arg};
+        use candle_core::backend::BackendStorage;
         let op = self.name();
         let (b, t, h, d) = self.dims(l)?;
         if b * t * h * d / 2 > u32::MAX as usize {
@@ -102,8 +105,12 @@ impl CustomOp1 for Rope {
         let dev = &s.device;
         let input = cuda::ptr(s, l, op)?;
         let (cos, sin) = (cuda::tensor_ptr(&self.cos, op)?, cuda::tensor_ptr(&self.sin, op)?);
-        let (out, output) = cuda::alloc(dev, s.dtype(), b * t * h * d, op)?;
-        let name = format!("rope_{}", cuda::suffix(s.dtype(), op)?);
+        let (out, output) = cuda::alloc(dev, self.out, b * t * h * d, op)?;
+        let name = match (s.dtype(), self.out) {
+            (input, out) if input == out => format!("rope_{}", cuda::suffix(input, op)?),
+            (DType::F32, DType::BF16) => "rope_f32_bf16".into(),
+            (input, out) => candle_core::bail!("{op}: no CUDA kernel from {input:?} to {out:?}"),
+        };
         let sizes = [b, t, h, d, self.inverse as usize].map(|v| Arg::I32(v as i32));
         let args: Vec<Arg> = [input, output, cos, sin]
             .map(Arg::Ptr)
@@ -120,19 +127,22 @@ impl CustomOp1 for Rope {
             sin: self.sin.clone(),
             heads: self.heads,
             inverse: !self.inverse,
+            out: grad.dtype(),
         };
         // Each direction's output layout is the other's input layout.
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
     }
 }
 
-/// `∂L/∂x: (B, T, H·D)` of `rope(x, cos, sin, _)` from `∂L/∂y: (B, H, T, D)` (no autograd).
-pub(super) fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// `∂L/∂x: (B, T, H·D)` in `out` (`grad`'s dtype, or bf16 from f32) of `rope(x, cos, sin, _)` from
+/// `∂L/∂y: (B, H, T, D)` (no autograd).
+pub(super) fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor, out: DType) -> Result<Tensor> {
     let back = Rope {
         cos: cos.contiguous()?,
         sin: sin.contiguous()?,
         heads: grad.dim(1)?,
         inverse: true,
+        out,
     };
     grad.contiguous()?.apply_op1_no_bwd(&back)
 }

@@ -12,6 +12,7 @@ use super::block::{get, Block, LayerWeights};
 use super::checkpoint;
 use super::config::LlamaConfig;
 use super::ops;
+use crate::data::IGNORE;
 use crate::fused::{self, Kernels};
 
 /// The master parameters, keyed by HF name. f32 everywhere except f64 in gradient tests.
@@ -299,8 +300,8 @@ impl Llama {
         self.cross_entropy(&self.project(w, grads_into, &hidden)?, &targets)
     }
 
-    /// The logits `(B·(T−1), V)` of every position but the last and the targets they are scored
-    /// against: position t predicts `labels[t + 1]` (row-major `(B, T)`, −100 = ignored).
+    /// The logits `(B·T, V)` and the targets they are scored against: position t predicts
+    /// `labels[t + 1]` (row-major `(B, T)`, −100 = ignored), a row's last position nothing (−100).
     pub fn next_token_logits_into(
         &self,
         w: &BTreeMap<String, Tensor>,
@@ -312,7 +313,10 @@ impl Llama {
         Ok((self.project(w, grads_into, &hidden)?, targets))
     }
 
-    /// The final hidden states `(B·(T−1), d)` of every position but the last, and their targets.
+    /// The final hidden states `(B·T, d)` and their targets, −100 at each row's last position (which
+    /// predicts nothing): the head then reads the norm's output as it is, where leaving the last
+    /// positions out cost a copy of the hidden states and, in the backward, a zero-padded copy of
+    /// their gradient (0.2 ms per micro-batch of 16 × 256 on the H200), for 1/T fewer head rows.
     fn next_token_hidden_into(
         &self,
         w: &BTreeMap<String, Tensor>,
@@ -321,11 +325,11 @@ impl Llama {
         labels: &[i64],
     ) -> Result<(Tensor, Vec<i64>)> {
         let (b, t) = ids.dims2()?;
-        let hidden = self.hidden_into(w, grads_into, ids)?.narrow(1, 0, t - 1)?;
+        let hidden = self.hidden_into(w, grads_into, ids)?;
         let targets: Vec<i64> = (0..b)
-            .flat_map(|r| labels[r * t + 1..(r + 1) * t].iter().copied())
+            .flat_map(|r| labels[r * t + 1..(r + 1) * t].iter().copied().chain([IGNORE]))
             .collect();
-        Ok((hidden.reshape((b * (t - 1), self.cfg.hidden_size))?, targets))
+        Ok((hidden.reshape((b * t, self.cfg.hidden_size))?, targets))
     }
 
     /// Token-mean cross-entropy of `(N, V)` logits against `targets`, and the number counted.
