@@ -784,6 +784,35 @@ __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *src, long long 
   }
 }
 
+// `load_tile` through cp.async (16 bytes per copy, zero-filled past t): the copies run while the block
+// computes on the previous tile; `commit` closes a group, `wait_groups<N>` waits for all but the newest N.
+// Synchronous loads left the flash kernels stalled on global memory half of the time (ncu).
+__device__ __forceinline__ void load_tile_async(bf16 *dst, const bf16 *src, long long st, int t0, int rows, int t) {
+  for (int i = threadIdx.x; i < rows * (D / 8); i += blockDim.x) {
+    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+    const bool in = t0 + r < t;
+    const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(dst + r * LD + c));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(in ? src + (t0 + r) * st + c : src),
+                 "r"(in ? 16 : 0));
+  }
+}
+
+// `rows` floats from src + t0 into dst (zeros past t), four bytes per copy.
+__device__ __forceinline__ void load_floats_async(float *dst, const float *src, int t0, int rows, int t) {
+  for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+    const bool in = t0 + i < t;
+    const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(dst + i));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(to), "l"(in ? src + t0 + i : src),
+                 "r"(in ? 4 : 0));
+  }
+}
+
+__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N> __device__ __forceinline__ void wait_groups() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t *>(&v);
@@ -903,6 +932,48 @@ __device__ __forceinline__ void add_rows(float *dst, long long st, int row0, int
     if (row < t) atomicAdd(reinterpret_cast<float4 *>(dst + row * st + n * 8 + col), v);
   }
 }
+// One step of the forward's online softmax for a warp's 16 query rows against the 64 keys of tile j0:
+// S = q·kᵀ (base 2, causal mask), running max m and sum l, acc rescaled and += P·v.
+__device__ __forceinline__ void attend_tile(float (&acc)[8][4], float (&m)[2], float (&l)[2], const bf16 *sq,
+                                            const bf16 *sk, const bf16 *sv, int warp, int j0, int row0, int t,
+                                            float scale2) {
+  const int lane = threadIdx.x & 31, gr = lane >> 2, tg = lane & 3;
+  float s[8][4];
+  rows_times_tile_t(s, sq, warp * 16, sk);  // S (16 × 64) = q rows · kᵀ
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + gr + 8 * hh;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = j0 + n * 8 + 2 * tg + e;
+        const float x = (col <= row && col < t) ? s[n][2 * hh + e] * scale2 : -INFINITY;
+        s[n][2 * hh + e] = x;
+        mx = fmaxf(mx, x);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    const float m_new = fmaxf(m[hh], mx);  // finite: key 0 is seen by every row
+    const float alpha = exp2f(m[hh] - m_new);
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float p = exp2f(s[n][2 * hh + e] - m_new);
+        s[n][2 * hh + e] = p;
+        sum += p;
+        acc[n][2 * hh + e] *= alpha;
+      }
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    sum += __shfl_xor_sync(0xffffffff, sum, 2);
+    l[hh] = l[hh] * alpha + sum;
+    m[hh] = m_new;
+  }
+  acc_times_tile(acc, s, sv);  // O (16 × D) += P (16 × 64) · v (64 × D)
+}
 }  // namespace flash
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -911,58 +982,34 @@ extern "C" __global__ void __launch_bounds__(128)
                    long long ksb, long long ksh, long long kst, long long vsb, long long vsh, long long vst,
                    long long osb, long long osh, long long ost) {
   using namespace flash;
-  __shared__ __align__(16) bf16 sq[64 * LD], sk[64 * LD], sv[64 * LD];
+  // K and V double-buffered: tile j0 + 64 is copied while the warps compute on tile j0.
+  __shared__ __align__(16) bf16 sq[64 * LD], sk[2][64 * LD], sv[2][64 * LD];
   const int q0 = blockIdx.x * 64, head = blockIdx.y, b = blockIdx.z, kvh = head / g;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tg = lane & 3;
   const int row0 = q0 + warp * 16;  // the warp's first query position
+  const int keys = min(t, q0 + 64);  // the keys some row of the block sees
   const bf16 *kb = k + b * ksb + kvh * ksh, *vb = v + b * vsb + kvh * vsh;
-  load_tile(sq, q + b * qsb + head * qsh, qst, q0, 64, t);  // read by the first loop's barrier
+  load_tile_async(sq, q + b * qsb + head * qsh, qst, q0, 64, t);
+  load_tile_async(sk[0], kb, kst, 0, 64, t);
+  load_tile_async(sv[0], vb, vst, 0, 64, t);
+  commit();
   // Scores in base 2: x = scale·log2(e)·q·k, p = 2^(x − m).
   const float scale2 = scale * LOG2E;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[8][4];
 #pragma unroll
   for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  for (int j0 = 0; j0 <= q0 + 63 && j0 < t; j0 += 64) {
-    __syncthreads();  // every warp is done with the previous K and V tiles
-    load_tile(sk, kb, kst, j0, 64, t);
-    load_tile(sv, vb, vst, j0, 64, t);
-    __syncthreads();
-    if (j0 > row0 + 15) continue;  // every key of this tile is after the warp's rows
-    float s[8][4];
-    rows_times_tile_t(s, sq, warp * 16, sk);  // S (16 × 64) = q rows · kᵀ
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = row0 + gr + 8 * hh;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = j0 + n * 8 + 2 * tg + e;
-          const float x = (col <= row && col < t) ? s[n][2 * hh + e] * scale2 : -INFINITY;
-          s[n][2 * hh + e] = x;
-          mx = fmaxf(mx, x);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      const float m_new = fmaxf(m[hh], mx);  // finite: key 0 is seen by every row
-      const float alpha = exp2f(m[hh] - m_new);
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float p = exp2f(s[n][2 * hh + e] - m_new);
-          s[n][2 * hh + e] = p;
-          sum += p;
-          acc[n][2 * hh + e] *= alpha;
-        }
-      sum += __shfl_xor_sync(0xffffffff, sum, 1);
-      sum += __shfl_xor_sync(0xffffffff, sum, 2);
-      l[hh] = l[hh] * alpha + sum;
-      m[hh] = m_new;
+  for (int j0 = 0, buf = 0; j0 < keys; j0 += 64, buf ^= 1) {
+    if (j0 + 64 < keys) {  // buf ^ 1 was last read in the previous step, before its closing barrier
+      load_tile_async(sk[buf ^ 1], kb, kst, j0 + 64, 64, t);
+      load_tile_async(sv[buf ^ 1], vb, vst, j0 + 64, 64, t);
+      commit();
+      wait_groups<1>();
+    } else {
+      wait_groups<0>();
     }
-    acc_times_tile(acc, s, sv);  // O (16 × D) += P (16 × 64) · v (64 × D)
+    __syncthreads();  // every thread's copies of tile j0 are visible
+    if (j0 <= row0 + 15) attend_tile(acc, m, l, sq, sk[buf], sv[buf], warp, j0, row0, t, scale2);
+    __syncthreads();  // every warp is done with buf
   }
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
@@ -1011,54 +1058,69 @@ extern "C" __global__ void __launch_bounds__(128)
                    long long dksb, long long dksh, long long dkst, long long dvsb, long long dvsh,
                    long long dvst) {
   using namespace flash;
-  __shared__ __align__(16) bf16 sk[64 * LD], sv[64 * LD], sq[64 * LD], sdo[64 * LD], sds[64 * LD];  // sds: dSᵀ
-  __shared__ float slse[64], sdelta[64];
+  // Dynamic shared memory (64 KiB, over the 48 KiB of static): k, v, dSᵀ, and q, do, the rows'
+  // log-sum-exps and deltas double-buffered, so query tile q0 + 64 is copied while the warps compute
+  // on tile q0.
+  extern __shared__ __align__(16) unsigned char smem[];
+  // Tiles: k, v, dSᵀ, q (two), do (two); then log-sum-exps (two × 64), deltas (two × 64).
+  bf16 *sk = reinterpret_cast<bf16 *>(smem), *sv = sk + 64 * LD, *sds = sv + 64 * LD;
+  bf16 *sq = sds + 64 * LD, *sdo = sq + 2 * 64 * LD;
+  float *slse = reinterpret_cast<float *>(sdo + 2 * 64 * LD), *sdelta = slse + 2 * 64;
   // Key tiles vary slowest in the grid: the first (the most query tiles to walk) are dispatched first.
   const int j0 = blockIdx.z * 64, head = blockIdx.x, b = blockIdx.y, kvh = head / g;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tg = lane & 3;
   const int key0 = j0 + warp * 16;  // the warp's first key
-  load_tile(sk, k + b * ksb + kvh * ksh, kst, j0, 64, t);  // read after the first loop's barrier
-  load_tile(sv, v + b * vsb + kvh * vsh, vst, j0, 64, t);
+  const bf16 *qb = q + b * qsb + head * qsh, *dob = d_o + b * dosb + head * dosh;
+  const float *lse_b = lse + ((long long)b * h + head) * t, *delta_b = delta + ((long long)b * h + head) * t;
+  // Query tile q0's q, do, log-sum-exps and deltas into buffer `buf`, closing one cp.async group.
+  auto fetch = [&](int q0, int buf) {
+    load_tile_async(sq + buf * 64 * LD, qb, qst, q0, 64, t);
+    load_tile_async(sdo + buf * 64 * LD, dob, dost, q0, 64, t);
+    load_floats_async(slse + 64 * buf, lse_b, q0, 64, t);
+    load_floats_async(sdelta + 64 * buf, delta_b, q0, 64, t);
+    commit();
+  };
+  load_tile_async(sk, k + b * ksb + kvh * ksh, kst, j0, 64, t);
+  load_tile_async(sv, v + b * vsb + kvh * vsh, vst, j0, 64, t);
+  fetch(j0, 0);  // the first group holds k and v too
   float dk_acc[8][4], dv_acc[8][4];
 #pragma unroll
   for (int n = 0; n < 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk_acc[n][e] = dv_acc[n][e] = 0.f;
-  const bf16 *qb = q + b * qsb + head * qsh, *dob = d_o + b * dosb + head * dosh;
-  const float *lse_b = lse + ((long long)b * h + head) * t, *delta_b = delta + ((long long)b * h + head) * t;
   float *dqb = dq + b * dqsb + head * dqsh;
   const float scale2 = scale * LOG2E;
-  for (int q0 = j0; q0 < t; q0 += 64) {  // the query tiles that see these keys (position ≥ key)
-    __syncthreads();  // the previous tile's readers of sq, sdo, sds and the row statistics are done
-    load_tile(sq, qb, qst, q0, 64, t);
-    load_tile(sdo, dob, dost, q0, 64, t);
-    if (threadIdx.x < 64) {
-      const int qi = q0 + threadIdx.x;
-      slse[threadIdx.x] = qi < t ? lse_b[qi] * LOG2E : 0.f;
-      sdelta[threadIdx.x] = qi < t ? delta_b[qi] : 0.f;
+  for (int q0 = j0, buf = 0; q0 < t; q0 += 64, buf ^= 1) {  // the query tiles that see these keys
+    if (q0 + 64 < t) {  // buf ^ 1 was last read in the previous step, before its closing barrier
+      fetch(q0 + 64, buf ^ 1);
+      wait_groups<1>();
+    } else {
+      wait_groups<0>();
     }
-    __syncthreads();
+    __syncthreads();  // every thread's copies of tile q0 are visible
+    const bf16 *sqb = sq + buf * 64 * LD, *sdob = sdo + buf * 64 * LD;
+    const float *lse_t = slse + 64 * buf, *delta_t = sdelta + 64 * buf;
     float p[8][4], ds[8][4];
-    rows_times_tile_t(p, sk, warp * 16, sq);  // Sᵀ (16 keys × 64 queries) = k rows · qᵀ
+    rows_times_tile_t(p, sk, warp * 16, sqb);  // Sᵀ (16 keys × 64 queries) = k rows · qᵀ
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = n * 8 + 2 * tg + (e & 1), key = key0 + gr + 8 * (e >> 1), qi = q0 + c;
-        p[n][e] = (key <= qi && qi < t) ? exp2f(p[n][e] * scale2 - slse[c]) : 0.f;
+        p[n][e] = (key <= qi && qi < t) ? exp2f(p[n][e] * scale2 - lse_t[c] * LOG2E) : 0.f;
       }
-    acc_times_tile(dv_acc, p, sdo);  // dv += Pᵀ (16 × 64) · do (64 × D)
-    rows_times_tile_t(ds, sv, warp * 16, sdo);  // dPᵀ (16 × 64) = v rows · doᵀ
+    acc_times_tile(dv_acc, p, sdob);  // dv += Pᵀ (16 × 64) · do (64 × D)
+    rows_times_tile_t(ds, sv, warp * 16, sdob);  // dPᵀ (16 × 64) = v rows · doᵀ
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ds[n][e] = p[n][e] * (ds[n][e] - sdelta[n * 8 + 2 * tg + (e & 1)]) * scale;
+      for (int e = 0; e < 4; ++e) ds[n][e] = p[n][e] * (ds[n][e] - delta_t[n * 8 + 2 * tg + (e & 1)]) * scale;
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh)
         *reinterpret_cast<uint32_t *>(sds + (warp * 16 + gr + 8 * hh) * LD + n * 8 + 2 * tg) =
             pack(ds[n][2 * hh], ds[n][2 * hh + 1]);
     }
-    acc_times_tile(dk_acc, ds, sq);  // dk += dSᵀ (16 × 64) · q (64 × D)
+    acc_times_tile(dk_acc, ds, sqb);  // dk += dSᵀ (16 × 64) · q (64 × D)
     __syncthreads();                 // all of dSᵀ is in sds
     // dq (64 × D) += dS (64 queries × 64 keys) · k (64 × D): warp w owns query rows 16w … 16w + 15.
     float dq_acc[8][4];
@@ -1070,6 +1132,8 @@ extern "C" __global__ void __launch_bounds__(128)
       load_a_t(a, sds, warp * 16, kk * 16);
       add_a_times_rows(dq_acc, a, sk, kk);
     }
+    // No closing barrier: the next step's copies overwrite this step's q and do (read before the
+    // barrier above) and its dSᵀ is written after the next step's first barrier.
     add_rows(dqb, dqst, q0 + warp * 16, t, dq_acc);
   }
   // This head's share of dk and dv (the g heads of a KV head add into the same f32 rows).

@@ -225,6 +225,9 @@ mod cuda {
     use candle_core::{DType, Result, Tensor};
 
     const THREADS: u32 = 128;
+    /// The backward's dynamic shared memory: seven (64, 72) bf16 tiles (k, v, dSᵀ, two of q, two of do)
+    /// and two buffers each of 64 log-sum-exps and deltas.
+    const BWD_SHARED_BYTES: u32 = 7 * 64 * 72 * 2 + 4 * 64 * 4;
 
     fn strides(s: Strides) -> [Arg; 3] {
         [s.b, s.h, s.t].map(|v| Arg::U64(v as u64))
@@ -333,7 +336,7 @@ mod cuda {
         let grid = LaunchConfig {
             grid_dim: (s.h as u32, s.b as u32, s.t.div_ceil(64) as u32),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: BWD_SHARED_BYTES,
         };
         launch(&dev, "flash_bwd_bf16", grid, &args)?;
         // dq and dk stay f32: RoPE's backward reads them and rounds once, to bf16.

@@ -284,6 +284,13 @@ pub(crate) mod cuda {
     /// Launch kernel `name` of kernels/proxqat.cu on the device's stream.
     pub fn launch(device: &CudaDevice, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         let f = device.get_or_load_custom_func(name, "proxqat", PTX)?;
+        if cfg.shared_mem_bytes > 48 * 1024 {
+            // Dynamic shared memory beyond 48 KiB must be allowed per kernel.
+            use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+            let attribute = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(attribute, cfg.shared_mem_bytes as i32)
+                .map_err(candle_core::Error::wrap)?;
+        }
         let mut b = f.builder();
         for a in args {
             match a {
