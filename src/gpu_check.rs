@@ -81,46 +81,26 @@ pub fn parity(cuda: &Device) -> Result<bool> {
     let teacher = randn(&[24, 3000], 12, 2.0)?;
     let teacher2 = teacher.clone();
     let f32_of = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?) };
+    // `fused::rms_norm` on x of `dims` and a gain (seeds `seed`, `seed + 1`).
+    let fused_norm = |name: &'static str, dims: &[usize], seed: u64| -> Result<(&'static str, Vec<Tensor>, OpFn)> {
+        let inputs = vec![randn(dims, seed, 1.0)?, randn(&dims[dims.len() - 1..], seed + 1, 1.0)?];
+        let op: OpFn = Box::new(move |x| {
+            Ok(fused::rms_norm::rms_norm(
+                &f32_of(&x[0])?,
+                &f32_of(&x[1])?,
+                1e-5,
+                x[0].dtype(),
+            )?)
+        });
+        Ok((name, inputs, op))
+    };
     let cases: Vec<(&str, Vec<Tensor>, OpFn)> = vec![
-        // The fused kernels, as the model calls them (f32 residual in, compute dtype out for the norm).
-        (
-            "fused rms_norm",
-            vec![randn(&[2, 12, 64], 1, 1.0)?, randn(&[64], 2, 1.0)?],
-            Box::new(move |x| {
-                Ok(fused::rms_norm::rms_norm(
-                    &f32_of(&x[0])?,
-                    &f32_of(&x[1])?,
-                    1e-5,
-                    x[0].dtype(),
-                )?)
-            }),
-        ),
-        // Rows wider than 4 columns per thread of a 1024-thread block: the backward's 2- and 4-group
-        // variants (d = 5001 on the scalar path, 9000 on the 16-byte one).
-        (
-            "fused rms_norm (5001 wide)",
-            vec![randn(&[3, 5001], 70, 1.0)?, randn(&[5001], 71, 1.0)?],
-            Box::new(move |x| {
-                Ok(fused::rms_norm::rms_norm(
-                    &f32_of(&x[0])?,
-                    &f32_of(&x[1])?,
-                    1e-5,
-                    x[0].dtype(),
-                )?)
-            }),
-        ),
-        (
-            "fused rms_norm (9000 wide)",
-            vec![randn(&[3, 9000], 72, 1.0)?, randn(&[9000], 73, 1.0)?],
-            Box::new(move |x| {
-                Ok(fused::rms_norm::rms_norm(
-                    &f32_of(&x[0])?,
-                    &f32_of(&x[1])?,
-                    1e-5,
-                    x[0].dtype(),
-                )?)
-            }),
-        ),
+        // The fused kernels, as the model calls them (f32 residual in, compute dtype out for the norm);
+        // rows wider than 4 columns per thread of a 1024-thread block take the norm backward's 2- and
+        // 4-group variants (d = 5001 on the scalar path, 9000 on the 16-byte one).
+        fused_norm("fused rms_norm", &[2, 12, 64], 1)?,
+        fused_norm("fused rms_norm (5001 wide)", &[3, 5001], 70)?,
+        fused_norm("fused rms_norm (9000 wide)", &[3, 9000], 72)?,
         (
             "fused rope (+transpose)",
             vec![randn(&[2, 12, 4 * 16], 3, 1.0)?],
