@@ -774,18 +774,8 @@ constexpr int D = 64;   // head_dim
 constexpr int LD = 72;  // padded row of a bf16 (64, D) tile
 constexpr float LOG2E = 1.4426950408889634f;
 
-// `rows` rows of D bf16 from `src` (row r at src + (t0 + r)·st) into a (rows, LD) tile; zeros past t.
-__device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *src, long long st, int t0, int rows, int t) {
-  for (int i = threadIdx.x; i < rows * (D / 8); i += blockDim.x) {
-    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (t0 + r < t) v = *reinterpret_cast<const uint4 *>(src + (t0 + r) * st + c);
-    *reinterpret_cast<uint4 *>(dst + r * LD + c) = v;
-  }
-}
-
-// `load_tile` through cp.async (16 bytes per copy, zero-filled past t): the copies run while the block
-// computes on the previous tile; `commit` closes a group, `wait_groups<N>` waits for all but the newest N.
+// `rows` rows of D bf16 from `src` (row r at src + (t0 + r)·st) into a (rows, LD) tile, zeros past t,
+// through cp.async (16 bytes per copy): the copies run while the block computes on the previous tile; `commit` closes a group, `wait_groups<N>` waits for all but the newest N.
 // Synchronous loads left the flash kernels stalled on global memory half of the time (ncu).
 __device__ __forceinline__ void load_tile_async(bf16 *dst, const bf16 *src, long long st, int t0, int rows, int t) {
   for (int i = threadIdx.x; i < rows * (D / 8); i += blockDim.x) {
