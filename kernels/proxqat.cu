@@ -817,33 +817,34 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t ld32(const bf16 *tile, int row, int col) {
-  return *reinterpret_cast<const uint32_t *>(tile + row * LD + col);
+// Four 8 × 8 bf16 matrices (ldmatrix; `.trans`: transposed on the way); lane l gives the row address
+// of matrix l / 8, row l % 8. One instruction where 32-bit shared loads took four (ncu had the flash
+// kernels issue-bound).
+__device__ __forceinline__ void ldsm(uint32_t (&r)[4], const bf16 *row) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
 }
 
-// The A fragment of rows r0 … r0 + 15, columns k0 … k0 + 15 of a row-major tile.
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16 *tile, int r0, int k0) {
-  const int lane = threadIdx.x & 31, r = r0 + (lane >> 2), c = k0 + 2 * (lane & 3);
-  a[0] = ld32(tile, r, c);
-  a[1] = ld32(tile, r + 8, c);
-  a[2] = ld32(tile, r, c + 8);
-  a[3] = ld32(tile, r + 8, c + 8);
-}
-
-// The B fragment (k0 … k0 + 15) × (n0 … n0 + 7) of a tile stored with n as the row: b(k, n) = tile[n][k].
-__device__ __forceinline__ void load_b(uint32_t &b0, uint32_t &b1, const bf16 *tile, int n0, int k0) {
-  const int lane = threadIdx.x & 31, n = n0 + (lane >> 2), k = k0 + 2 * (lane & 3);
-  b0 = ld32(tile, n, k);
-  b1 = ld32(tile, n, k + 8);
-}
-
-// Four 8 × 8 bf16 matrices, transposed on the way (ldmatrix .trans); lane l gives the row address of
-// matrix l / 8, row l % 8.
 __device__ __forceinline__ void ldsm_t(uint32_t (&r)[4], const bf16 *row) {
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
+}
+
+// The A fragment of rows r0 … r0 + 15, columns k0 … k0 + 15 of a row-major tile.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16 *tile, int r0, int k0) {
+  const int lane = threadIdx.x & 31;
+  ldsm(a, tile + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + k0 + (lane >> 4) * 8);
+}
+
+// The B fragments of columns n0 … n0 + 7 (b[0], b[1]) and n0 + 8 … n0 + 15 (b[2], b[3]) over rows
+// k0 … k0 + 15 of a tile stored with n as the row: b(k, n) = tile[n][k].
+__device__ __forceinline__ void load_b(uint32_t (&b)[4], const bf16 *tile, int n0, int k0) {
+  const int lane = threadIdx.x & 31;
+  ldsm(b, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * LD + k0 + ((lane >> 3) & 1) * 8);
 }
 
 // The B fragments of columns n0 … n0 + 7 (b[0], b[1]) and n0 + 8 … n0 + 15 (b[2], b[3]) over rows
@@ -877,10 +878,11 @@ __device__ __forceinline__ void rows_times_tile_t(float (&c)[8][4], const bf16 *
     uint32_t af[4];
     load_a(af, a, r0, kk * 16);
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      uint32_t b0, b1;
-      load_b(b0, b1, b, n * 8, kk * 16);
-      mma(c[n], af, b0, b1);
+    for (int n = 0; n < 4; ++n) {
+      uint32_t bf[4];
+      load_b(bf, b, n * 16, kk * 16);
+      mma(c[2 * n], af, bf[0], bf[1]);
+      mma(c[2 * n + 1], af, bf[2], bf[3]);
     }
   }
 }
@@ -923,7 +925,9 @@ __device__ __forceinline__ void add_rows(float *dst, long long st, int row0, int
   }
 }
 // One step of the forward's online softmax for a warp's 16 query rows against the 64 keys of tile j0:
-// S = q·kᵀ (base 2, causal mask), running max m and sum l, acc rescaled and += P·v.
+// S = q·kᵀ (base 2, causal mask where MASK: a tile on the diagonal or past t), running max m and sum
+// l, acc rescaled and += P·v.
+template <bool MASK>
 __device__ __forceinline__ void attend_tile(float (&acc)[8][4], float (&m)[2], float (&l)[2], const bf16 *sq,
                                             const bf16 *sk, const bf16 *sv, int warp, int j0, int row0, int t,
                                             float scale2) {
@@ -939,7 +943,7 @@ __device__ __forceinline__ void attend_tile(float (&acc)[8][4], float (&m)[2], f
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int col = j0 + n * 8 + 2 * tg + e;
-        const float x = (col <= row && col < t) ? s[n][2 * hh + e] * scale2 : -INFINITY;
+        const float x = (!MASK || (col <= row && col < t)) ? s[n][2 * hh + e] * scale2 : -INFINITY;
         s[n][2 * hh + e] = x;
         mx = fmaxf(mx, x);
       }
@@ -998,7 +1002,10 @@ extern "C" __global__ void __launch_bounds__(128)
       wait_groups<0>();
     }
     __syncthreads();  // every thread's copies of tile j0 are visible
-    if (j0 <= row0 + 15) attend_tile(acc, m, l, sq, sk[buf], sv[buf], warp, j0, row0, t, scale2);
+    if (j0 + 63 <= row0 && j0 + 64 <= t)  // every key of the tile is seen by every row of the warp
+      attend_tile<false>(acc, m, l, sq, sk[buf], sv[buf], warp, j0, row0, t, scale2);
+    else if (j0 <= row0 + 15)
+      attend_tile<true>(acc, m, l, sq, sk[buf], sv[buf], warp, j0, row0, t, scale2);
     __syncthreads();  // every warp is done with buf
   }
 #pragma unroll
@@ -1039,7 +1046,10 @@ extern "C" __global__ void flash_delta_bf16(const __nv_bfloat16 *o, const __nv_b
   if (row < rows && part == 0) delta[row] = s;
 }
 
-extern "C" __global__ void __launch_bounds__(128)
+// At most 168 registers, so that three blocks fit an SM (unbounded it takes 180, and two blocks left 8
+// warps to hide every tile's barriers and shared loads; ncu at B 16 × T 256: 124.6 → 116.7 µs, with
+// 4 bytes spilled).
+extern "C" __global__ void __launch_bounds__(128, 3)
     flash_bwd_bf16(const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v,
                    const __nv_bfloat16 *d_o, const float *lse, const float *delta, float *dq, float *dk, float *dv,
                    int t, int h, int g, float scale, long long qsb, long long qsh, long long qst, long long ksb,
@@ -1092,12 +1102,13 @@ extern "C" __global__ void __launch_bounds__(128)
     const float *lse_t = slse + 64 * buf, *delta_t = sdelta + 64 * buf;
     float p[8][4], ds[8][4];
     rows_times_tile_t(p, sk, warp * 16, sqb);  // Sᵀ (16 keys × 64 queries) = k rows · qᵀ
+    const bool masked = q0 == j0 || q0 + 64 > t;  // the diagonal tile, or one past t
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = n * 8 + 2 * tg + (e & 1), key = key0 + gr + 8 * (e >> 1), qi = q0 + c;
-        p[n][e] = (key <= qi && qi < t) ? exp2f(p[n][e] * scale2 - lse_t[c] * LOG2E) : 0.f;
+        p[n][e] = (!masked || (key <= qi && qi < t)) ? exp2f(p[n][e] * scale2 - lse_t[c] * LOG2E) : 0.f;
       }
     acc_times_tile(dv_acc, p, sdob);  // dv += Pᵀ (16 × 64) · do (64 × D)
     rows_times_tile_t(ds, sv, warp * 16, sdob);  // dPᵀ (16 × 64) = v rows · doᵀ
