@@ -319,8 +319,9 @@ __device__ void causal_softmax_bwd(const float *s, const TG *gp, float *ds, int 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// SwiGLU: out = silu(gate) · up; backward writes d_gate, d_up and the forward's out again into one
-// (3, n) buffer (the down projection's weight gradient needs out: recomputing it was a whole extra pass).
+// SwiGLU: out = silu(gate) · up; backward writes d_gate and d_up into one (2, n) buffer (the down
+// projection's weight gradient reads the forward's out, which the MLP keeps: writing it again here was
+// a sixth of the backward's traffic).
 // Four elements per access when every pointer allows it (fresh allocations do): 8-byte bf16 loads
 // instead of 2-byte ones (ncu at micro-batch 16: the scalar forward moved ~1.5 TB/s of the H200's 4.8).
 
@@ -355,22 +356,19 @@ __device__ void swiglu_bwd(const T *gate, const T *up, const T *gout, T *grads, 
   const size_t first = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
   size_t done = 0;
   if ((addr(gate) | addr(up) | addr(gout) | addr(grads) | addr(grads + n)) % sizeof(Four<T>) == 0) {
-    // grads and grads + n aligned: n % 4 == 0, so grads + 2n (the forward's out) is aligned too.
     const Four<T> *g4 = reinterpret_cast<const Four<T> *>(gate), *u4 = reinterpret_cast<const Four<T> *>(up),
                   *o4 = reinterpret_cast<const Four<T> *>(gout);
     for (size_t i = first; i < n / 4; i += stride) {
       const Four<T> g = g4[i], u = u4[i], go = o4[i];
-      Four<T> dg, du, act;
+      Four<T> dg, du;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const float2 d = swiglu_grads(to_f(g.v[k]), to_f(u.v[k]), to_f(go.v[k]));
         dg.v[k] = from_f<T>(d.x);
         du.v[k] = from_f<T>(d.y);
-        act.v[k] = from_f<T>(silu_times(to_f(g.v[k]), to_f(u.v[k])));
       }
       reinterpret_cast<Four<T> *>(grads)[i] = dg;
       reinterpret_cast<Four<T> *>(grads + n)[i] = du;
-      reinterpret_cast<Four<T> *>(grads + 2 * n)[i] = act;
     }
     done = n / 4 * 4;
   }
@@ -378,7 +376,6 @@ __device__ void swiglu_bwd(const T *gate, const T *up, const T *gout, T *grads, 
     const float2 d = swiglu_grads(to_f(gate[i]), to_f(up[i]), to_f(gout[i]));
     grads[i] = from_f<T>(d.x);
     grads[n + i] = from_f<T>(d.y);
-    grads[2 * n + i] = from_f<T>(silu_times(to_f(gate[i]), to_f(up[i])));
   }
 }
 

@@ -16,7 +16,7 @@ use candle_core::{DType, Result, Tensor};
 use std::sync::Mutex;
 
 use super::linear::{add_product_into, sum_of_products};
-use super::mlp::{mlp_backward, mlp_forward};
+use super::mlp::{mlp_backward, mlp_forward, MlpKept};
 use super::rms_norm::{rms_norm, rms_norm_backward_with_residual};
 use super::rope::{rope, rope_backward};
 use super::softmax::{attend, attention_scale, per_kv_head};
@@ -40,8 +40,8 @@ pub struct BlockSpec {
 
 /// The forward's tensors the backward reads: the block input, the normed inputs of the projections
 /// (`a`, `m`), q and k after RoPE `(B, heads, T, D)`, v `(B, T, KV, D)`, the attention output rows `o`
-/// and (tiled kernels) their log-sum-exps, the residual after the attention `x1`, and the MLP's `gate`
-/// and `up`.
+/// and (tiled kernels) their log-sum-exps, the residual after the attention `x1`, and the MLP's `gate`,
+/// `up` and SwiGLU product.
 struct Saved {
     x: Tensor,
     a: Tensor,
@@ -52,8 +52,7 @@ struct Saved {
     lse: Option<Tensor>,
     x1: Tensor,
     m: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    mlp: MlpKept,
 }
 
 fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &BlockSpec) -> Result<(Tensor, Saved)> {
@@ -70,7 +69,7 @@ fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &Blo
     let (o, lse) = attention(&q, &k, &v)?;
     let x1 = residual::add(&x, &o.matmul(&wo.t()?)?)?;
     let m = rms_norm(&x1, g_post, spec.eps, spec.compute)?.reshape((rows, d))?;
-    let (z, gate, up) = mlp_forward(&m, [w_gate, w_up, w_down])?;
+    let (z, mlp) = mlp_forward(&m, [w_gate, w_up, w_down])?;
     let out = residual::add(&x1, &z)?;
     let saved = Saved {
         x,
@@ -82,8 +81,7 @@ fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &Blo
         lse,
         x1,
         m,
-        gate,
-        up,
+        mlp,
     };
     Ok((out, saved))
 }
@@ -108,14 +106,7 @@ fn backward(
     let (h, kv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
     let rows = b * t;
     let dz = grad_compute.reshape((rows, d))?;
-    let dm = mlp_backward(
-        &s.m,
-        &s.gate,
-        &s.up,
-        [w_gate, w_up, w_down],
-        [a_gate, a_up, a_down],
-        &dz,
-    )?;
+    let dm = mlp_backward(&s.m, &s.mlp, [w_gate, w_up, w_down], [a_gate, a_up, a_down], &dz)?;
     let (dx1, dy, dg_post) = rms_norm_backward_with_residual(
         &s.x1,
         g_post,

@@ -2,10 +2,10 @@
 //!
 //! As three fused linears and a fused SwiGLU it is four nodes, and candle's backward zero-fills and adds
 //! a gradient buffer for every input of every node (the `(rows, intermediate)` ones are the large
-//! ones); it also keeps `silu(gate)·up` alive for the down projection's weight gradient. Here the
-//! SwiGLU backward pass writes that product again beside `∂gate` and `∂up`, the backward adds the three
-//! weight gradients into their step accumulators (`acc += gradᵀ · input`, as `fused::linear`) and
-//! returns `∂L/∂m` — the same arithmetic, kernel by kernel, as the four-node version.
+//! ones). Here the node keeps `gate`, `up` and `silu(gate)·up` (the down projection's weight gradient
+//! reads it), the backward adds the three weight gradients into their step accumulators
+//! (`acc += gradᵀ · input`, as `fused::linear`) and returns `∂L/∂m` — the same arithmetic, kernel by
+//! kernel, as the four-node version.
 
 use candle_core::{Result, Tensor, D};
 
@@ -22,30 +22,35 @@ pub fn mlp(m: &Tensor, w: [&Tensor; 3], acc: [&Tensor; 3]) -> Result<Tensor> {
     let hidden = m.dim(D::Minus1)?;
     let rows = m.elem_count() / hidden;
     let x = m.detach().contiguous()?.reshape((rows, hidden))?;
-    let (out, gate, up) = mlp_forward(&x, [&w_gate, &w_up, &w_down])?;
+    let (out, kept) = mlp_forward(&x, [&w_gate, &w_up, &w_down])?;
     if !m.track_op() {
         return out.reshape(m.shape());
     }
     let node = Mlp {
-        gate,
-        up,
+        kept,
         w: [w_gate, w_up, w_down],
         acc: acc.map(Tensor::clone),
     };
     node1(out, &m.contiguous()?.reshape((rows, hidden))?, node)?.reshape(m.shape())
 }
 
-/// `(out, gate, up)` of the MLP on detached rows `x: (rows, hidden)` (no autograd node).
-pub(super) fn mlp_forward(x: &Tensor, [w_gate, w_up, w_down]: [&Tensor; 3]) -> Result<(Tensor, Tensor, Tensor)> {
+/// What the MLP's backward reads of its forward: `gate`, `up` and their SwiGLU product `act`.
+pub(super) struct MlpKept {
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub act: Tensor,
+}
+
+/// The MLP's output on detached rows `x: (rows, hidden)` and what its backward reads (no autograd node).
+pub(super) fn mlp_forward(x: &Tensor, [w_gate, w_up, w_down]: [&Tensor; 3]) -> Result<(Tensor, MlpKept)> {
     let gate = x.matmul(&w_gate.t()?)?;
     let up = x.matmul(&w_up.t()?)?;
-    let out = swiglu(&gate, &up)?.matmul(&w_down.t()?)?;
-    Ok((out, gate, up))
+    let act = swiglu(&gate, &up)?;
+    Ok((act.matmul(&w_down.t()?)?, MlpKept { gate, up, act }))
 }
 
 struct Mlp {
-    gate: Tensor,
-    up: Tensor,
+    kept: MlpKept,
     w: [Tensor; 3],
     acc: [Tensor; 3],
 }
@@ -58,23 +63,22 @@ impl Backward1 for Mlp {
     fn bwd(&self, m: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let w = self.w.each_ref();
         let acc = self.acc.each_ref();
-        Ok(Some(mlp_backward(m, &self.gate, &self.up, w, acc, grad)?))
+        Ok(Some(mlp_backward(m, &self.kept, w, acc, grad)?))
     }
 }
 
-/// `∂L/∂m` of the MLP on rows `m: (rows, hidden)` with the forward's `gate` and `up`, from the output's
+/// `∂L/∂m` of the MLP on rows `m: (rows, hidden)` with what its forward kept, from the output's
 /// gradient; the three weight gradients are added into `acc` (no autograd).
 pub(super) fn mlp_backward(
     m: &Tensor,
-    gate: &Tensor,
-    up: &Tensor,
+    kept: &MlpKept,
     [w_gate, w_up, w_down]: [&Tensor; 3],
     [acc_gate, acc_up, acc_down]: [&Tensor; 3],
     grad: &Tensor,
 ) -> Result<Tensor> {
     let (m, grad) = (m.detach(), grad.detach().contiguous()?);
-    let (d_gate, d_up, act) = swiglu_backward(gate, up, &grad.matmul(w_down)?)?;
-    add_product_into(acc_down, &grad, &act)?;
+    let (d_gate, d_up) = swiglu_backward(&kept.gate, &kept.up, &grad.matmul(w_down)?)?;
+    add_product_into(acc_down, &grad, &kept.act)?;
     overlap::accumulated(acc_down)?;
     add_product_into(acc_gate, &d_gate, &m)?;
     overlap::accumulated(acc_gate)?;

@@ -1,6 +1,4 @@
-//! SwiGLU `silu(gate) · up` in one pass each way; the backward writes both input gradients at once, and
-//! the forward's output again (the MLP's down projection needs it for its weight gradient: written in the
-//! same pass, it costs one write instead of a second forward pass over `gate` and `up`).
+//! SwiGLU `silu(gate) · up` in one pass each way; the backward writes both input gradients at once.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -11,17 +9,17 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
-/// `(∂L/∂gate, ∂L/∂up, silu(gate)·up)` from `∂L/∂(silu(gate)·up)`, in one pass (no autograd).
-pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+/// `(∂L/∂gate, ∂L/∂up)` from `∂L/∂(silu(gate)·up)`, in one pass (no autograd).
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-    let all = gate.apply_op3_no_bwd(&up, &grad.contiguous()?, &SwiGluBwd)?;
-    let part = |i| all.narrow(0, i, 1)?.reshape(gate.shape());
-    Ok((part(0)?, part(1)?, part(2)?))
+    let both = gate.apply_op3_no_bwd(&up, &grad.contiguous()?, &SwiGluBwd)?;
+    let part = |i| both.narrow(0, i, 1)?.reshape(gate.shape());
+    Ok((part(0)?, part(1)?))
 }
 
 struct SwiGlu;
 
-/// `(gate, up, grad)` → `(3, n)`: d gate, d up, then silu(gate)·up.
+/// `(gate, up, grad)` → `(2, n)`: d gate, then d up.
 struct SwiGluBwd;
 
 fn sigmoid(x: f64) -> f64 {
@@ -56,7 +54,7 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (d_gate, d_up, _) = swiglu_backward(gate, up, grad)?;
+        let (d_gate, d_up) = swiglu_backward(gate, up, grad)?;
         Ok((Some(d_gate), Some(d_up)))
     }
 }
@@ -78,14 +76,13 @@ impl CustomOp3 for SwiGluBwd {
         let op = self.name();
         let (g, u, go) = (host_f64(gs, gl, op)?, host_f64(us, ul, op)?, host_f64(os, ol, op)?);
         let n = g.len();
-        let mut out = vec![0.0; 3 * n];
+        let mut out = vec![0.0; 2 * n];
         for i in 0..n {
             let s = sigmoid(g[i]);
             out[i] = go[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
             out[n + i] = go[i] * g[i] * s;
-            out[2 * n + i] = g[i] * s * u[i];
         }
-        Ok((cpu_storage(out, gs.dtype())?, Shape::from((3, n))))
+        Ok((cpu_storage(out, gs.dtype())?, Shape::from((2, n))))
     }
 
     #[cfg(feature = "cuda")]
@@ -100,7 +97,7 @@ impl CustomOp3 for SwiGluBwd {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda;
         let (op, n) = (self.name(), gl.shape().elem_count());
-        let (out, o) = cuda::alloc(&gs.device, gs.dtype(), 3 * n, op)?;
+        let (out, o) = cuda::alloc(&gs.device, gs.dtype(), 2 * n, op)?;
         let args = [
             cuda::ptr(gs, gl, op)?,
             cuda::ptr(us, ul, op)?,
@@ -108,6 +105,6 @@ impl CustomOp3 for SwiGluBwd {
             o,
         ];
         cuda::launch_elementwise(&gs.device, "swiglu_bwd", gs.dtype(), &args, n)?;
-        Ok((out, Shape::from((3, n))))
+        Ok((out, Shape::from((2, n))))
     }
 }
