@@ -446,11 +446,18 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             tol: 2e-2,
         });
     }
-    let parts = [randn(&[1000, 77], 40, 1.0)?, randn(&[3], 41, 1.0)?];
-    let on_cuda = parts
-        .iter()
-        .map(|t| t.to_device(cuda))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    // Three tensors in one launch on CUDA, the third a view starting one row in.
+    let rows5 = randn(&[5, 1001], 42, 1.0)?;
+    let parts = [
+        randn(&[1000, 77], 40, 1.0)?,
+        randn(&[3], 41, 1.0)?,
+        rows5.narrow(0, 1, 4)?,
+    ];
+    let on_cuda = [
+        parts[0].to_device(cuda)?,
+        parts[1].to_device(cuda)?,
+        rows5.to_device(cuda)?.narrow(0, 1, 4)?,
+    ];
     let err = rel_err(
         &fused::adamw::sums_of_squares(&on_cuda.iter().collect::<Vec<_>>())?,
         &fused::adamw::sums_of_squares(&parts.iter().collect::<Vec<_>>())?,

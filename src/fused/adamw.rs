@@ -164,31 +164,34 @@ pub fn step_in_place(
 }
 
 /// Σ x² of each tensor, as an `(n)` f32 tensor on their device (nothing read back): one pass over
-/// the step's gradients serves both the global norm and the sensitivity EMA.
+/// the step's gradients serves both the global norm and the sensitivity EMA. On CUDA one launch for
+/// all of them, with 16-byte loads (a launch per tensor, scalar loads: 2.35 ms per step at
+/// Llama-3.2-1B shape; one launch, scalar: 1.9 ms).
 pub fn sums_of_squares(tensors: &[&Tensor]) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(candle_core::Device::Cuda(dev)) = tensors.first().map(|t| t.device()) {
-        if tensors.iter().all(|t| t.dtype() == DType::F32) {
+        if tensors.iter().all(|t| t.dtype() == DType::F32) && tensors.len() <= u16::MAX as usize {
             use super::cuda::{self, Arg};
             use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
             let op = "fused-sum-squares";
             const SUM_BLOCKS: usize = cuda::REDUCTION_BLOCKS;
-            let partials = Tensor::zeros((tensors.len(), SUM_BLOCKS), DType::F32, tensors[0].device())?;
-            let base = cuda::tensor_ptr(&partials, op)?;
-            for (i, t) in tensors.iter().enumerate() {
-                let t = t.contiguous()?;
-                let (x, out, n) = (
-                    cuda::tensor_ptr(&t, op)?,
-                    base + (i * SUM_BLOCKS * 4) as u64,
-                    t.elem_count(),
-                );
-                let cfg = LaunchConfig {
-                    grid_dim: (SUM_BLOCKS as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                cuda::launch(dev, "sum_squares_f32", cfg, &[Arg::Ptr(x), Arg::Ptr(out), Arg::Len(n)])?;
-            }
+            let device = tensors[0].device();
+            let contiguous = tensors.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
+            // The table the kernel reads: every tensor's address, then every tensor's length.
+            let mut table = contiguous
+                .iter()
+                .map(|t| Ok(cuda::tensor_ptr(t, op)? as i64))
+                .collect::<Result<Vec<_>>>()?;
+            table.extend(contiguous.iter().map(|t| t.elem_count() as i64));
+            let table = Tensor::from_vec(table, 2 * contiguous.len(), device)?;
+            let partials = Tensor::zeros((tensors.len(), SUM_BLOCKS), DType::F32, device)?;
+            let cfg = LaunchConfig {
+                grid_dim: (SUM_BLOCKS as u32, tensors.len() as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let args = [cuda::tensor_ptr(&table, op)?, cuda::tensor_ptr(&partials, op)?].map(Arg::Ptr);
+            cuda::launch(dev, "sum_squares_many_f32", cfg, &args)?;
             return partials.sum(1);
         }
     }

@@ -322,6 +322,7 @@ pub(crate) mod cuda {
             CudaStorageSlice::F32(s) => (s.device_ptr(s.stream()).0, 4),
             CudaStorageSlice::BF16(s) => (s.device_ptr(s.stream()).0, 2),
             CudaStorageSlice::U32(s) => (s.device_ptr(s.stream()).0, 4),
+            CudaStorageSlice::I64(s) => (s.device_ptr(s.stream()).0, 8),
             _ => candle_core::bail!("{op}: unsupported dtype {:?}", storage.dtype()),
         };
         Ok(base + (start * size) as u64)
