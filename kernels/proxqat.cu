@@ -827,48 +827,46 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Four 8 × 8 bf16 matrices (ldmatrix; `.trans`: transposed on the way); lane l gives the row address
-// of matrix l / 8, row l % 8. One instruction where 32-bit shared loads took four (ncu had the flash
+// Four 8 × 8 bf16 matrices (ldmatrix; TRANS: transposed on the way); lane l gives the row address of
+// matrix l / 8, row l % 8. One instruction where 32-bit shared loads took four (ncu had the flash
 // kernels issue-bound).
-__device__ __forceinline__ void ldsm(uint32_t (&r)[4], const bf16 *row) {
+template <bool TRANS> __device__ __forceinline__ void ldsm(uint32_t (&r)[4], const bf16 *row) {
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
-__device__ __forceinline__ void ldsm_t(uint32_t (&r)[4], const bf16 *row) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
+  if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
 }
 
 // The A fragment of rows r0 … r0 + 15, columns k0 … k0 + 15 of a row-major tile.
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16 *tile, int r0, int k0) {
   const int lane = threadIdx.x & 31;
-  ldsm(a, tile + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + k0 + (lane >> 4) * 8);
+  ldsm<false>(a, tile + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + k0 + (lane >> 4) * 8);
 }
 
 // The B fragments of columns n0 … n0 + 7 (b[0], b[1]) and n0 + 8 … n0 + 15 (b[2], b[3]) over rows
 // k0 … k0 + 15 of a tile stored with n as the row: b(k, n) = tile[n][k].
 __device__ __forceinline__ void load_b(uint32_t (&b)[4], const bf16 *tile, int n0, int k0) {
   const int lane = threadIdx.x & 31;
-  ldsm(b, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * LD + k0 + ((lane >> 3) & 1) * 8);
+  ldsm<false>(b, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * LD + k0 + ((lane >> 3) & 1) * 8);
 }
 
 // The B fragments of columns n0 … n0 + 7 (b[0], b[1]) and n0 + 8 … n0 + 15 (b[2], b[3]) over rows
 // k0 … k0 + 15 of a tile stored with k as the row: b(k, n) = tile[k][n].
 __device__ __forceinline__ void load_b_t(uint32_t (&b)[4], const bf16 *tile, int k0, int n0) {
   const int lane = threadIdx.x & 31;
-  ldsm_t(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + n0 + (lane >> 4) * 8);
+  ldsm<true>(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + n0 + (lane >> 4) * 8);
 }
 
 // The A fragment of rows r0 … r0 + 15, columns k0 … k0 + 15 of a tile stored transposed: a(r, k) =
 // tile[k][r].
 __device__ __forceinline__ void load_a_t(uint32_t (&a)[4], const bf16 *tile, int r0, int k0) {
   const int lane = threadIdx.x & 31;
-  ldsm_t(a, tile + (k0 + (lane & 7) + (lane >> 4) * 8) * LD + r0 + ((lane >> 3) & 1) * 8);
+  ldsm<true>(a, tile + (k0 + (lane & 7) + (lane >> 4) * 8) * LD + r0 + ((lane >> 3) & 1) * 8);
 }
 
 // The A fragment of columns 16j … 16j + 15 of a warp's (16, 64) f32 accumulator tiles c[8], in bf16.
