@@ -110,6 +110,9 @@ pub struct TrainSection {
     pub tf32: bool,
     /// `fused` (the custom kernels of src/fused, CUDA and CPU) or `reference` (candle primitives).
     pub kernels: crate::fused::Kernels,
+    /// How the fused kernels' CUDA GEMMs pick a cuBLASLt algorithm per shape: `measured` (time the
+    /// candidates once, keep the fastest) or `heuristic` (cuBLAS's choice: bit-identical reruns).
+    pub gemm: crate::fused::gemm::GemmAlgorithm,
     /// Activation checkpointing per decoder block: keep only each block's input and recompute the
     /// block in the backward (one more forward; the activations of all but one block are never kept).
     pub checkpoint_layers: bool,
@@ -145,6 +148,7 @@ impl Default for TrainSection {
             precision: Precision::Auto,
             tf32: false,
             kernels: crate::fused::Kernels::Fused,
+            gemm: crate::fused::gemm::GemmAlgorithm::Measured,
             checkpoint_layers: false,
             device: DeviceChoice::Auto,
             devices: 1,

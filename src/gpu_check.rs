@@ -389,6 +389,8 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             tol: if dtype == DType::F32 { 1e-4 } else { 2e-2 },
         });
     }
+    #[cfg(feature = "cuda")]
+    gemm_rows(cuda, &mut rows)?;
     // The fused embedding lookup: rows, and the rows' gradients (ids repeat) added into the table's f32
     // accumulator over two backward passes, for f32 and bf16 tables (and gradients); then 3,000 tokens
     // of 7 ids (more tokens than the ordering kernel's threads, hundreds of rows per id).
@@ -486,6 +488,78 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         );
     }
     Ok(ok)
+}
+
+/// The cuBLASLt GEMM of the fused projections against f64 on the CPU, each shape planned by
+/// measurement and then (another shape) by the heuristic alone: every transpose of both operands,
+/// β = 0 and β = 1, f32 and bf16 inputs into their dtype or f32, `a` a view one row in (its pointer
+/// aligned to 4 or 2 bytes only); and a weight gradient's shape, where the measured plan times the
+/// heuristic's 8 candidates and may keep another.
+#[cfg(feature = "cuda")]
+fn gemm_rows(cuda: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use fused::gemm::{gemm, set_algorithm, GemmAlgorithm};
+    let f64_of = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F64)?) };
+    // `out = opA(a)·opB(b) (+ c)` on both devices for `a` stored (ar, ac) one row into its buffer.
+    let check =
+        |[ar, ac]: [usize; 2], ta: bool, b_dims: [usize; 2], tb: bool, types: (DType, DType), add: bool, seed| {
+            let (input, output) = types;
+            let a_buffer = randn(&[ar + 1, ac], seed, 1.0)?.to_dtype(input)?;
+            let b = randn(&b_dims, seed + 1, 1.0)?.to_dtype(input)?;
+            let m = if ta { ac } else { ar };
+            let n = if tb { b_dims[0] } else { b_dims[1] };
+            let c = randn(&[m, n], seed + 2, 1.0)?.to_dtype(output)?;
+            let op = |t: Tensor, transposed: bool| -> Result<Tensor> { Ok(if transposed { t.t()? } else { t }) };
+            let product = op(f64_of(&a_buffer.narrow(0, 1, ar)?)?, ta)?.matmul(&op(f64_of(&b)?, tb)?)?;
+            let want = if add { (product + f64_of(&c)?)? } else { product };
+            // β = 0 must ignore what `out` holds: it starts as `c` either way.
+            let out = c.to_device(cuda)?;
+            let a = a_buffer.to_device(cuda)?.narrow(0, 1, ar)?;
+            gemm(&out, &a, ta, &b.to_device(cuda)?, tb, add)?;
+            rel_err(&out, &want)
+        };
+    let mut seed = 80;
+    for (mode, m) in [(GemmAlgorithm::Measured, 40), (GemmAlgorithm::Heuristic, 41)] {
+        set_algorithm(mode);
+        for types in [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::BF16),
+            (DType::BF16, DType::F32),
+        ] {
+            let (k, n) = (67, 24);
+            let mut err = 0f64;
+            for case in 0..8 {
+                let (ta, tb, add) = (case & 1 != 0, case & 2 != 0, case & 4 != 0);
+                let a_dims = if ta { [k, m] } else { [m, k] };
+                let b_dims = if tb { [n, k] } else { [k, n] };
+                err = err.max(check(a_dims, ta, b_dims, tb, types, add, seed)?);
+                seed += 3;
+            }
+            rows.push(Row {
+                name: format!("gemm {mode:?} (ᵀ, β 0/1) → {:?}", types.1),
+                dtype: types.0,
+                err,
+                tol: if types.1 == DType::F32 { 1e-5 } else { 1e-2 },
+            });
+        }
+        // An MLP weight gradient at micro-batch 1: acc (2048, 512) += xᵀ (2048 × 1024) · dy (1024, 512).
+        let err = check(
+            [1024, 2048 + m],
+            true,
+            [1024, 512],
+            false,
+            (DType::BF16, DType::F32),
+            true,
+            seed,
+        )?;
+        rows.push(Row {
+            name: format!("gemm {mode:?} weight gradient"),
+            dtype: DType::BF16,
+            err,
+            tol: 1e-5,
+        });
+    }
+    set_algorithm(GemmAlgorithm::default());
+    Ok(())
 }
 
 /// A tiny Llama on CUDA against the CPU reference (f32): loss and every parameter's gradient, through

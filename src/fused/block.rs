@@ -15,7 +15,7 @@
 use candle_core::{DType, Result, Tensor};
 use std::sync::Mutex;
 
-use super::linear::{add_product_into, sum_of_products};
+use super::linear::{add_product_into, project, sum_of_products};
 use super::mlp::{mlp_backward, mlp_forward, MlpKept};
 use super::rms_norm::{rms_norm, rms_norm_backward_with_residual};
 use super::rope::{rope, rope_backward};
@@ -62,12 +62,12 @@ fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &Blo
     let rows = b * t;
     let x = x.contiguous()?;
     let a = rms_norm(&x, g_in, spec.eps, spec.compute)?.reshape((rows, d))?;
-    let project = |w: &Tensor, heads: usize| a.matmul(&w.t()?)?.reshape((b, t, heads * hd));
-    let q = rope(&project(wq, h)?, &spec.cos, &spec.sin, h)?;
-    let k = rope(&project(wk, kv)?, &spec.cos, &spec.sin, kv)?;
-    let v = project(wv, kv)?.reshape((b, t, kv, hd))?;
+    let heads_of = |w: &Tensor, heads: usize| project(&a, w)?.reshape((b, t, heads * hd));
+    let q = rope(&heads_of(wq, h)?, &spec.cos, &spec.sin, h)?;
+    let k = rope(&heads_of(wk, kv)?, &spec.cos, &spec.sin, kv)?;
+    let v = heads_of(wv, kv)?.reshape((b, t, kv, hd))?;
     let (o, lse) = attention(&q, &k, &v)?;
-    let x1 = residual::add(&x, &o.matmul(&wo.t()?)?)?;
+    let x1 = residual::add(&x, &project(&o, wo)?)?;
     let m = rms_norm(&x1, g_post, spec.eps, spec.compute)?.reshape((rows, d))?;
     let (z, mlp) = mlp_forward(&m, [w_gate, w_up, w_down])?;
     let out = residual::add(&x1, &z)?;
@@ -118,7 +118,7 @@ fn backward(
     let dy = dy.reshape((rows, d))?;
     add_product_into(ao, &dy, &s.o)?;
     overlap::accumulated(ao)?;
-    let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &dy.matmul(wo)?)?;
+    let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &sum_of_products(&[(&dy, wo)])?)?;
     let dq = rope_backward(&dq, &spec.cos, &spec.sin, dv.dtype())?.reshape((rows, h * hd))?;
     let dk = rope_backward(&dk, &spec.cos, &spec.sin, dv.dtype())?.reshape((rows, kv * hd))?;
     let dv = dv.reshape((rows, kv * hd))?;

@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
 
-use super::linear::add_product_into;
+use super::linear::{add_product_into, project, sum_of_products};
 use super::{cpu_storage, host_f64, host_targets, node1, target_indices, Backward1, IGNORED};
 use crate::model::ops::stat_dtype;
 
@@ -27,7 +27,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)
 pub fn head_cross_entropy(hidden: &Tensor, w: &Tensor, acc: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)> {
     let (index, counted) = target_indices(targets, hidden.device())?;
     let w = w.detach();
-    let logits = hidden.detach().matmul(&w.t()?)?;
+    let logits = project(&hidden.detach(), &w)?;
     let stats = logits.apply_op1_no_bwd(&CrossEntropy { targets: index.clone() })?;
     let stats = if hidden.track_op() {
         let node = HeadLoss {
@@ -77,7 +77,7 @@ impl Backward1 for HeadLoss {
         let d_logits = logits_gradient(logits, &self.stats, &grad.detach().contiguous()?, &self.targets)?;
         add_product_into(&self.acc, &d_logits, &hidden.detach())?;
         crate::dist::overlap::accumulated(&self.acc)?;
-        Ok(Some(d_logits.matmul(&self.w)?))
+        Ok(Some(sum_of_products(&[(&d_logits, &self.w)])?))
     }
 }
 

@@ -9,7 +9,7 @@
 
 use candle_core::{Result, Tensor, D};
 
-use super::linear::{add_product_into, sum_of_products};
+use super::linear::{add_product_into, project, sum_of_products};
 use super::swiglu::{swiglu, swiglu_backward};
 use super::{node1, Backward1};
 use crate::dist::overlap;
@@ -43,10 +43,10 @@ pub(super) struct MlpKept {
 
 /// The MLP's output on detached rows `x: (rows, hidden)` and what its backward reads (no autograd node).
 pub(super) fn mlp_forward(x: &Tensor, [w_gate, w_up, w_down]: [&Tensor; 3]) -> Result<(Tensor, MlpKept)> {
-    let gate = x.matmul(&w_gate.t()?)?;
-    let up = x.matmul(&w_up.t()?)?;
+    let gate = project(x, w_gate)?;
+    let up = project(x, w_up)?;
     let act = swiglu(&gate, &up)?;
-    Ok((act.matmul(&w_down.t()?)?, MlpKept { gate, up, act }))
+    Ok((project(&act, w_down)?, MlpKept { gate, up, act }))
 }
 
 struct Mlp {
@@ -77,7 +77,7 @@ pub(super) fn mlp_backward(
     grad: &Tensor,
 ) -> Result<Tensor> {
     let (m, grad) = (m.detach(), grad.detach().contiguous()?);
-    let (d_gate, d_up) = swiglu_backward(&kept.gate, &kept.up, &grad.matmul(w_down)?)?;
+    let (d_gate, d_up) = swiglu_backward(&kept.gate, &kept.up, &sum_of_products(&[(&grad, w_down)])?)?;
     add_product_into(acc_down, &grad, &kept.act)?;
     overlap::accumulated(acc_down)?;
     add_product_into(acc_gate, &d_gate, &m)?;

@@ -16,6 +16,7 @@ pub mod cross_entropy;
 pub mod distill;
 pub mod embedding;
 pub mod flash;
+pub mod gemm;
 pub mod grid;
 pub mod linear;
 pub mod mlp;

@@ -185,6 +185,7 @@ impl Trainer {
         #[cfg(feature = "cuda")]
         if device.is_cuda() {
             candle_core::cuda_backend::set_gemm_reduced_precision_f32(cfg.train.tf32);
+            crate::fused::gemm::set_algorithm(cfg.train.gemm);
         }
         let state = ckpt.and_then(|c| c.state.clone());
         let vocab = loaded.tokenizer.get_vocab_size(true);
