@@ -5,7 +5,8 @@
 //! the GPU itself (as torch.compile's max-autotune or PyTorch's TunableOp do) finds faster ones for the
 //! small GEMMs of micro-batch 4: on an H100 the k/v projections ran 1.9× faster, the MLP weight
 //! gradients 1.15–1.2×, a whole micro-step's GEMM sequence 6 % faster under the sustained power cap
-//! (`scripts/experiments/gemm_algos.py`; at micro-batch 16 the sequence gained nothing). Each shape is
+//! (`scripts/experiments/gemm_algos.py`; at micro-batch 16 the sequence gained nothing); whole training
+//! steps on an H200 +3 % at micro-batch 4, unchanged at 16 (BENCHMARKS.md, session 14). Each shape is
 //! planned once per device: descriptors, then (measured) every candidate timed a few times on the real
 //! inputs, the fastest kept for the rest of the run.
 
