@@ -11,7 +11,7 @@
 //! inputs, the fastest kept for the rest of the run.
 
 #[cfg(feature = "cuda")]
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -34,14 +34,8 @@ pub fn set_algorithm(choice: GemmAlgorithm) {
     HEURISTIC_ONLY.store(choice == GemmAlgorithm::Heuristic, Ordering::Relaxed);
 }
 
-/// `out = opA(a) · opB(b)`, or `out += …` with `add` (β = 1), for contiguous row-major 2-D CUDA tensors:
-/// opA(a) is `(M, K)` (`a` stored `(K, M)` when `transpose_a`), opB(b) is `(K, N)` (`b` stored `(N, K)`
-/// when `transpose_b`), `out` is `(M, N)`. Inputs bf16 or f32 (one dtype), `out` in their dtype or f32;
-/// accumulation in f32.
 #[cfg(feature = "cuda")]
-pub fn gemm(out: &Tensor, a: &Tensor, transpose_a: bool, b: &Tensor, transpose_b: bool, add: bool) -> Result<()> {
-    lt::gemm(out, a, transpose_a, b, transpose_b, add)
-}
+pub use lt::gemm;
 
 /// Is a product with this input one [`gemm`] runs (CUDA, bf16 or f32)?
 #[cfg(feature = "cuda")]
@@ -340,6 +334,10 @@ mod lt {
         Ok(Some(candidates[best]))
     }
 
+    /// `out = opA(a) · opB(b)`, or `out += …` with `add` (β = 1), for contiguous row-major 2-D CUDA
+    /// tensors: opA(a) is `(M, K)` (`a` stored `(K, M)` when `transpose_a`), opB(b) is `(K, N)` (`b`
+    /// stored `(N, K)` when `transpose_b`), `out` is `(M, N)`. Inputs bf16 or f32 (one dtype), `out` in
+    /// their dtype or f32; accumulation in f32.
     pub fn gemm(out: &Tensor, a: &Tensor, transpose_a: bool, b: &Tensor, transpose_b: bool, add: bool) -> Result<()> {
         let op = "GEMM";
         let dim = |t: &Tensor, transposed: bool| -> Result<(usize, usize)> {
