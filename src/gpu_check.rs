@@ -493,7 +493,7 @@ pub fn parity(cuda: &Device) -> Result<bool> {
 /// The cuBLASLt GEMM of the fused projections against f64 on the CPU, each shape planned by
 /// measurement and then (another shape) by the heuristic alone: every transpose of both operands,
 /// β = 0 and β = 1, f32 and bf16 inputs into their dtype or f32, `a` a view one row in (its pointer
-/// aligned to 4 or 2 bytes only); and a weight gradient's shape, where the measured plan times the
+/// aligned to as little as 2 bytes); and a weight gradient's shape, where the measured plan times the
 /// heuristic's 8 candidates and may keep another.
 #[cfg(feature = "cuda")]
 fn gemm_rows(cuda: &Device, rows: &mut Vec<Row>) -> Result<()> {
@@ -541,7 +541,8 @@ fn gemm_rows(cuda: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 tol: if types.1 == DType::F32 { 1e-5 } else { 1e-2 },
             });
         }
-        // An MLP weight gradient at micro-batch 1: acc (2048, 512) += xᵀ (2048 × 1024) · dy (1024, 512).
+        // A weight gradient of micro-batch 4's 1,024 tokens, `acc (2048 + m, 512) += xᵀ · dy` (a k/v
+        // projection's, transposed; `m` gives each mode its own shape).
         let err = check(
             [1024, 2048 + m],
             true,
