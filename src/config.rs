@@ -221,8 +221,9 @@ impl Config {
             apply_override(&mut value, o)?;
         }
         let cfg: Config = value
+            .clone()
             .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", with_suggestion(e.message())))?;
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", explain(e.message(), &value)))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -305,9 +306,18 @@ impl Config {
     }
 }
 
-/// serde's "unknown field `x`, expected one of `a`, `b`" plus the closest valid key, if one is close.
-fn with_suggestion(message: &str) -> String {
+/// serde's message made to name the field: "unknown field `x`, expected one of `a`, `b`" gets the
+/// closest valid key, if one is close; "unknown variant `x`, expected …" (a value outside an option's
+/// choices, which serde reports without its key) gets the key that holds it.
+fn explain(message: &str, value: &toml::Value) -> String {
     let quoted: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
+    if message.starts_with("unknown variant") && !quoted.is_empty() {
+        let mut keys = Vec::new();
+        keys_holding(value, quoted[0], "", &mut keys);
+        if let [key] = keys.as_slice() {
+            return format!("{key}: {message}");
+        }
+    }
     if !message.starts_with("unknown field") || quoted.len() < 2 {
         return message.to_string();
     }
@@ -315,6 +325,24 @@ fn with_suggestion(message: &str) -> String {
     match valid.iter().map(|v| (edit_distance(typo, v), *v)).min() {
         Some((d, v)) if d <= 2.max(typo.len() / 3) => format!("{message} (did you mean `{v}`?)"),
         _ => message.to_string(),
+    }
+}
+
+/// The dotted keys under `path` whose value is the string `text`.
+fn keys_holding(value: &toml::Value, text: &str, path: &str, keys: &mut Vec<String>) {
+    match value {
+        toml::Value::String(s) if s == text => keys.push(path.to_string()),
+        toml::Value::Table(table) => {
+            for (k, v) in table {
+                let key = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                keys_holding(v, text, &key, keys);
+            }
+        }
+        _ => {}
     }
 }
 

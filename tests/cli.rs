@@ -173,6 +173,22 @@ fn bad_configs_are_refused_with_the_key_named() {
         tmp.path(),
     );
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("train.global_batch"));
+    // A value outside an option's choices: the error names the key and lists the valid values.
+    let out = run_bin(
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "train.gemm=fastest",
+        ],
+        tmp.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("train.gemm") && err.contains("`measured` or `heuristic`"),
+        "train.gemm=fastest: {err}"
+    );
 }
 
 #[test]
