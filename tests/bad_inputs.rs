@@ -3,17 +3,7 @@
 
 mod common;
 
-use common::{run_bin, tiny_config, tiny_model_dir};
-use std::path::Path;
-
-fn fails_with(args: &[&str], cwd: &Path, needles: &[&str]) {
-    let out = run_bin(args, cwd);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: {err:?} does not mention {n:?}");
-    }
-}
+use common::{fails_with, run_bin, tiny_config, tiny_model_dir};
 
 #[test]
 fn corrupt_truncated_and_wrong_dtype_safetensors_are_refused() {

@@ -99,6 +99,16 @@ pub fn run_bin(args: &[&str], cwd: &Path) -> std::process::Output {
         .expect("running proxqat")
 }
 
+/// Runs the binary and asserts that it fails with a message naming each of `needles`.
+pub fn fails_with(args: &[&str], cwd: &Path, needles: &[&str]) {
+    let out = run_bin(args, cwd);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: {err:?} does not mention {n:?}");
+    }
+}
+
 /// A byte-level BPE tokenizer with no merges: 256 byte tokens plus `<eos>` (id 256).
 pub fn byte_tokenizer() -> tokenizers::Tokenizer {
     let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
