@@ -6,7 +6,12 @@ For each distinct GEMM (∂W as proxqat does it: bf16 · bf16 added into an f32 
 script asks cuBLASLt for up to K heuristic candidates, times each alone, then runs the whole micro-step
 sequence back to back for SECONDS with (a) the heuristic's first choice and (b) the fastest measured
 candidate, alternating, under the sustained power cap.  usage: gemm_algos.py TOKENS [SECONDS] [K]
--> per-GEMM lines, then one JSON line.  cuBLASLt is driven through ctypes (torch only allocates and times).
+-> per-GEMM lines, then one JSON line.  With LAYOUT=fused it instead compares, both on measured
+algorithms, the projections as they are (q, k, v, gate, up separate) with q/k/v as one (3072, 2048)
+projection and gate/up as one (16384, 2048): one GEMM each for their forward, ∂x (K = 3072 / 16384) and
+∂W.  With PICK=energy it compares the choice by time alone (a few runs at boost clocks) with the choice
+by energy per call, each candidate run back to back for CAND_SECONDS (default 0.4) under the cap (NVML's
+energy counter; under the cap time follows energy), heuristic beside both.  cuBLASLt is driven through ctypes (torch only allocates and times).
 """
 import ctypes
 import glob
@@ -142,37 +147,112 @@ def projection(name, out_f, in_f, count):
 gemms = (projection("q|o", d, d, 2 * layers) + projection("k|v", kv, d, 2 * layers)
          + projection("gate|up", ff, d, 2 * layers) + projection("down", d, ff, layers)
          + projection("head", vocab, d, 1))
+fused_layout = os.environ.get("LAYOUT") == "fused"
+if fused_layout:
+    separate = gemms
+    gemms = (projection("qkv", d + 2 * kv, d, layers) + projection("o", d, d, layers)
+             + projection("gate+up", 2 * ff, d, layers) + projection("down", d, ff, layers)
+             + projection("head", vocab, d, 1))
 total_flops = sum(g.flops * c for g, c in gemms)
 
 # Each GEMM alone: the heuristic's first choice against every candidate.
-chosen = []
-for g, count in gemms:
-    times = [g.time_us(h) for h in g.candidates]
-    best = min(range(len(times)), key=times.__getitem__)
-    chosen.append(g.candidates[best])
-    print(f"{g.name:14s} x{count:3d} candidates {len(times):2d}  heuristic {times[0]:8.1f} us  "
-          f"best #{best:2d} {times[best]:8.1f} us  ({times[0] / times[best]:.3f}x)", flush=True)
+def measured(gemms):
+    chosen = []
+    for g, count in gemms:
+        times = [g.time_us(h) for h in g.candidates]
+        best = min(range(len(times)), key=times.__getitem__)
+        chosen.append(g.candidates[best])
+        print(f"{g.name:14s} x{count:3d} candidates {len(times):2d}  heuristic {times[0]:8.1f} us  "
+              f"best #{best:2d} {times[best]:8.1f} us  ({times[0] / times[best]:.3f}x)", flush=True)
+    return chosen
 
 
-def sequence(pick):
+chosen = measured(gemms)
+
+
+class Nvml:
+    """The board's energy counter (mJ), through libnvidia-ml."""
+
+    def __init__(self):
+        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
+        check(self.lib.nvmlInit_v2(), "nvmlInit")
+        self.dev = c_void()
+        index = torch.cuda.current_device()
+        check(self.lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self.dev)), "nvml handle")
+
+    def mj(self):
+        e = ctypes.c_ulonglong(0)
+        check(self.lib.nvmlDeviceGetTotalEnergyConsumption(self.dev, ctypes.byref(e)), "nvml energy")
+        return e.value
+
+
+def by_energy(gemms, cand_seconds):
+    """Each candidate back to back for cand_seconds: the one of least energy per call (and its time)."""
+    nvml = Nvml()
+    chosen = []
+    for g, count in gemms:
+        rows = []
+        for h in g.candidates:
+            for _ in range(20):
+                g.run(h)
+            torch.cuda.synchronize()
+            start, e0, n = time.time(), nvml.mj(), 0
+            while time.time() - start < cand_seconds:
+                for _ in range(10):
+                    g.run(h)
+                n += 10
+                torch.cuda.synchronize()
+            rows.append((1e6 * (time.time() - start) / n, (nvml.mj() - e0) / n))
+        best = min(range(len(rows)), key=lambda i: rows[i][1])
+        chosen.append(g.candidates[best])
+        print(f"{g.name:14s} sustained: heuristic {rows[0][0]:8.1f} us {rows[0][1]:7.3f} mJ  least energy "
+              f"#{best:2d} {rows[best][0]:8.1f} us {rows[best][1]:7.3f} mJ  all " +
+              " ".join(f"{t:.1f}/{e:.3f}" for t, e in rows), flush=True)
+    return chosen
+
+
+def sequence(pick, gemms):
     for (g, count), h in zip(gemms, pick):
         for _ in range(count):
             g.run(h)
 
 
-def sustained(pick):
+def sustained(pick, gemms=gemms):
     for _ in range(3):
-        sequence(pick)
+        sequence(pick, gemms)
     torch.cuda.synchronize()
     start, n = time.time(), 0
     while time.time() - start < seconds:
-        sequence(pick)
+        sequence(pick, gemms)
         n += 1
         torch.cuda.synchronize()
     return 1e3 * (time.time() - start) / n
 
 
+if fused_layout:
+    separate_chosen = measured(separate)
+    rounds = {"separate": [], "fused": []}
+    for _ in range(3):
+        rounds["separate"].append(sustained(separate_chosen, separate))
+        rounds["fused"].append(sustained(chosen))
+    s_ms, f_ms = (sum(v) / len(v) for v in rounds.values())
+    print(json.dumps({"tokens": tokens, "ms_separate": rounds["separate"], "ms_fused": rounds["fused"],
+                      "tflops_separate": total_flops / s_ms / 1e9, "tflops_fused": total_flops / f_ms / 1e9,
+                      "speedup": s_ms / f_ms}))
+    sys.exit(0)
+
 heuristic = [g.candidates[0] for g, _ in gemms]
+if os.environ.get("PICK") == "energy":
+    frugal = by_energy(gemms, float(os.environ.get("CAND_SECONDS", "0.4")))
+    rounds = {"heuristic": [], "measured": [], "energy": []}
+    for _ in range(3):
+        for name, pick in (("heuristic", heuristic), ("measured", chosen), ("energy", frugal)):
+            rounds[name].append(sustained(pick))
+    ms = {k: sum(v) / len(v) for k, v in rounds.items()}
+    print(json.dumps({"tokens": tokens, **{f"ms_{k}": v for k, v in rounds.items()},
+                      "speedup_measured": ms["heuristic"] / ms["measured"],
+                      "speedup_energy": ms["heuristic"] / ms["energy"]}))
+    sys.exit(0)
 rounds = {"heuristic": [], "measured": []}
 for _ in range(2):
     rounds["heuristic"].append(sustained(heuristic))
