@@ -229,35 +229,24 @@ def sustained(pick, gemms=gemms):
     return 1e3 * (time.time() - start) / n
 
 
-if fused_layout:
-    separate_chosen = measured(separate)
-    rounds = {"separate": [], "fused": []}
-    for _ in range(3):
-        rounds["separate"].append(sustained(separate_chosen, separate))
-        rounds["fused"].append(sustained(chosen))
-    s_ms, f_ms = (sum(v) / len(v) for v in rounds.values())
-    print(json.dumps({"tokens": tokens, "ms_separate": rounds["separate"], "ms_fused": rounds["fused"],
-                      "tflops_separate": total_flops / s_ms / 1e9, "tflops_fused": total_flops / f_ms / 1e9,
-                      "speedup": s_ms / f_ms}))
-    sys.exit(0)
+def compare(contenders, rounds):
+    """Each contender's (picks, gemms) sequence sustained, alternating: one JSON line, ratios to the first."""
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, (pick, gs) in contenders.items():
+            times[name].append(sustained(pick, gs))
+    ms = {name: sum(v) / len(v) for name, v in times.items()}
+    first = next(iter(ms))
+    print(json.dumps({"tokens": tokens, **{f"ms_{n}": v for n, v in times.items()},
+                      **{f"tflops_{n}": total_flops / v / 1e9 for n, v in ms.items()},
+                      **{f"speedup_{n}": ms[first] / v for n, v in ms.items() if n != first}}))
+
 
 heuristic = [g.candidates[0] for g, _ in gemms]
-if os.environ.get("PICK") == "energy":
+if fused_layout:
+    compare({"separate": (measured(separate), separate), "fused": (chosen, gemms)}, 3)
+elif os.environ.get("PICK") == "energy":
     frugal = by_energy(gemms, float(os.environ.get("CAND_SECONDS", "0.4")))
-    rounds = {"heuristic": [], "measured": [], "energy": []}
-    for _ in range(3):
-        for name, pick in (("heuristic", heuristic), ("measured", chosen), ("energy", frugal)):
-            rounds[name].append(sustained(pick))
-    ms = {k: sum(v) / len(v) for k, v in rounds.items()}
-    print(json.dumps({"tokens": tokens, **{f"ms_{k}": v for k, v in rounds.items()},
-                      "speedup_measured": ms["heuristic"] / ms["measured"],
-                      "speedup_energy": ms["heuristic"] / ms["energy"]}))
-    sys.exit(0)
-rounds = {"heuristic": [], "measured": []}
-for _ in range(2):
-    rounds["heuristic"].append(sustained(heuristic))
-    rounds["measured"].append(sustained(chosen))
-h_ms, m_ms = (sum(v) / len(v) for v in rounds.values())
-print(json.dumps({"tokens": tokens, "ms_heuristic": rounds["heuristic"], "ms_measured": rounds["measured"],
-                  "tflops_heuristic": total_flops / h_ms / 1e9, "tflops_measured": total_flops / m_ms / 1e9,
-                  "speedup": h_ms / m_ms}))
+    compare({"heuristic": (heuristic, gemms), "measured": (chosen, gemms), "energy": (frugal, gemms)}, 3)
+else:
+    compare({"heuristic": (heuristic, gemms), "measured": (chosen, gemms)}, 2)
