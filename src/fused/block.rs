@@ -15,7 +15,7 @@
 use candle_core::{DType, Result, Tensor};
 use std::sync::Mutex;
 
-use super::linear::{add_product_into, project, sum_of_products};
+use super::linear::{add_product_into, input_gradient, project, sum_of_products};
 use super::mlp::{mlp_backward, mlp_forward, MlpKept};
 use super::rms_norm::{rms_norm, rms_norm_backward_with_residual};
 use super::rope::{rope, rope_backward};
@@ -118,7 +118,7 @@ fn backward(
     let dy = dy.reshape((rows, d))?;
     add_product_into(ao, &dy, &s.o)?;
     overlap::accumulated(ao)?;
-    let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &sum_of_products(&[(&dy, wo)])?)?;
+    let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &input_gradient(&dy, wo)?)?;
     let dq = rope_backward(&dq, &spec.cos, &spec.sin, dv.dtype())?.reshape((rows, h * hd))?;
     let dk = rope_backward(&dk, &spec.cos, &spec.sin, dv.dtype())?.reshape((rows, kv * hd))?;
     let dv = dv.reshape((rows, kv * hd))?;

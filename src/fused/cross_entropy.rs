@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
 
-use super::linear::{add_product_into, project, sum_of_products};
+use super::linear::{add_product_into, input_gradient, project};
 use super::{cpu_storage, host_f64, host_targets, node1, target_indices, Backward1, IGNORED};
 use crate::model::ops::stat_dtype;
 
@@ -77,7 +77,7 @@ impl Backward1 for HeadLoss {
         let d_logits = logits_gradient(logits, &self.stats, &grad.detach().contiguous()?, &self.targets)?;
         add_product_into(&self.acc, &d_logits, &hidden.detach())?;
         crate::dist::overlap::accumulated(&self.acc)?;
-        Ok(Some(sum_of_products(&[(&d_logits, &self.w)])?))
+        Ok(Some(input_gradient(&d_logits, &self.w)?))
     }
 }
 

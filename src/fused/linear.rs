@@ -81,7 +81,7 @@ impl CustomOp2 for Linear {
         // In a step's last backward the accumulator is now complete: a data-parallel run may start
         // summing it over ranks while the layers below are differentiated.
         crate::dist::overlap::accumulated(&self.acc)?;
-        Ok((Some(sum_of_products(&[(&grad, &w)])?), None))
+        Ok((Some(input_gradient(&grad, &w)?), None))
     }
 }
 
@@ -110,10 +110,15 @@ pub(super) fn project(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.matmul(&w.t()?)
 }
 
+/// `grad · w` for an output gradient `grad: (m, n)` and a weight `w: (n, k)`: a projection's input
+/// gradient.
+pub(super) fn input_gradient(grad: &Tensor, w: &Tensor) -> Result<Tensor> {
+    sum_of_products(&[(grad, w)])
+}
+
 /// `Σᵢ aᵢ · bᵢ` for `aᵢ: (m, nᵢ)`, `bᵢ: (nᵢ, k)` in one dtype (the input gradient of a tensor read by
-/// several projections; one term: a projection's input gradient). On CUDA the products go into one
-/// buffer, each GEMM after the first adding to it (β = 1, f32 accumulation) instead of separate
-/// products and an elementwise add each.
+/// several projections). On CUDA the products go into one buffer, each GEMM after the first adding to
+/// it (β = 1, f32 accumulation) instead of separate products and an elementwise add each.
 pub(super) fn sum_of_products(terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
     let Some(((a0, b0), rest)) = terms.split_first() else {
         candle_core::bail!("sum_of_products: no terms");

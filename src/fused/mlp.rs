@@ -9,7 +9,7 @@
 
 use candle_core::{Result, Tensor, D};
 
-use super::linear::{add_product_into, project, sum_of_products};
+use super::linear::{add_product_into, input_gradient, project, sum_of_products};
 use super::swiglu::{swiglu, swiglu_backward};
 use super::{node1, Backward1};
 use crate::dist::overlap;
@@ -77,7 +77,7 @@ pub(super) fn mlp_backward(
     grad: &Tensor,
 ) -> Result<Tensor> {
     let (m, grad) = (m.detach(), grad.detach().contiguous()?);
-    let (d_gate, d_up) = swiglu_backward(&kept.gate, &kept.up, &sum_of_products(&[(&grad, w_down)])?)?;
+    let (d_gate, d_up) = swiglu_backward(&kept.gate, &kept.up, &input_gradient(&grad, w_down)?)?;
     add_product_into(acc_down, &grad, &kept.act)?;
     overlap::accumulated(acc_down)?;
     add_product_into(acc_gate, &d_gate, &m)?;
