@@ -237,11 +237,16 @@ template <typename T> struct alignas(2 * sizeof(T)) Two {
 // Two neighbouring i per thread (4-byte bf16 accesses) and 32-bit index arithmetic (the 64-bit divisions
 // of one thread per element made the kernel compute-bound at a third of the memory bandwidth).
 // TI → TO: the backward also reads flash attention's f32 sums of dq and dk and rounds them once, to bf16.
+// `row`: elements from one position's row to the next on the (B, T, H·D) side — H·D when packed, more
+// when that side is a column range of a wider matrix (q or k within the fused q/k/v projection's rows).
 template <typename TI, typename TO>
 __device__ void rope(const TI *in, TO *out, const float *cos_t, const float *sin_t, int b, int t, int h, int d,
-                     int inverse) {
+                     int row, int inverse) {
   const int half = d / 2,
-            step = half % 2 == 0 && addr(in) % sizeof(Two<TI>) == 0 && addr(out) % sizeof(Two<TO>) == 0 ? 2 : 1;
+            step = half % 2 == 0 && row % 2 == 0 && addr(in) % sizeof(Two<TI>) == 0 &&
+                           addr(out) % sizeof(Two<TO>) == 0
+                       ? 2
+                       : 1;
   const int per_row = half / step;
   const unsigned total = (unsigned)b * t * h * per_row;  // < 2^32: checked by the caller
   for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
@@ -250,7 +255,7 @@ __device__ void rope(const TI *in, TO *out, const float *cos_t, const float *sin
     const int hh = r % h;
     r /= h;
     const int tt = r % t, bb = r / t;
-    const size_t bthd = (((size_t)bb * t + tt) * h + hh) * d;
+    const size_t bthd = ((size_t)bb * t + tt) * row + (size_t)hh * d;
     const size_t bhtd = (((size_t)bb * h + hh) * t + tt) * d;
     const size_t src = inverse ? bhtd : bthd, dst = inverse ? bthd : bhtd;
     const float sign = inverse ? -1.f : 1.f;
@@ -717,8 +722,8 @@ extern "C" __global__ void grid_counts_f32(const float *x, const float *scale, u
   RMS_NORM_BWD(SUF, T, 2)                                                                                        \
   RMS_NORM_BWD(SUF, T, 4)                                                                                        \
   extern "C" __global__ void rope_##SUF(const T *in, T *out, const float *c, const float *s, int b, int t,      \
-                                        int h, int d, int inverse) {                                             \
-    rope<T, T>(in, out, c, s, b, t, h, d, inverse);                                                              \
+                                        int h, int d, int row, int inverse) {                                    \
+    rope<T, T>(in, out, c, s, b, t, h, d, row, inverse);                                                         \
   }                                                                                                              \
   extern "C" __global__ void causal_softmax_fwd_##SUF(const float *s, T *p, int t, float scale) {               \
     causal_softmax_fwd<T>(s, p, t, scale);                                                                       \
@@ -756,8 +761,8 @@ ROW_OPS(f32, float)
 ROW_OPS(bf16, __nv_bfloat16)
 
 extern "C" __global__ void rope_f32_bf16(const float *in, __nv_bfloat16 *out, const float *c, const float *s, int b,
-                                         int t, int h, int d, int inverse) {
-  rope<float, __nv_bfloat16>(in, out, c, s, b, t, h, d, inverse);
+                                         int t, int h, int d, int row, int inverse) {
+  rope<float, __nv_bfloat16>(in, out, c, s, b, t, h, d, row, inverse);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         .collect();
     type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
     let on = |t: &Tensor, like: &Tensor| -> Result<Tensor> { Ok(t.to_device(like.device())?.to_dtype(like.dtype())?) };
-    let (cos2, sin2) = (cos.clone(), sin.clone());
+    let (cos2, sin2, cos3, sin3) = (cos.clone(), sin.clone(), cos.clone(), sin.clone());
     let (targets2, targets3, targets4) = (targets.clone(), targets.clone(), targets.clone());
     // The distillation teacher: a constant of the op (no gradient), rows longer than a block.
     let teacher = randn(&[24, 3000], 12, 2.0)?;
@@ -109,6 +109,19 @@ pub fn parity(cuda: &Device) -> Result<bool> {
                     &x[0],
                     &on(&cos2, &f32_of(&x[0])?)?,
                     &on(&sin2, &f32_of(&x[0])?)?,
+                    4,
+                )?)
+            }),
+        ),
+        (
+            // q or k as the fused q/k/v projection hands them over: a column range of wider rows.
+            "fused rope (column range)",
+            vec![randn(&[2, 12, 4 * 16 + 2 * 16 + 16], 13, 1.0)?],
+            Box::new(move |x| {
+                Ok(fused::rope::rope(
+                    &x[0].narrow(2, 16, 4 * 16)?,
+                    &on(&cos3, &f32_of(&x[0])?)?,
+                    &on(&sin3, &f32_of(&x[0])?)?,
                     4,
                 )?)
             }),
@@ -419,20 +432,45 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             tol: if dtype == DType::F32 { 1e-5 } else { 2e-2 },
         });
     }
+    // RoPE⁻¹ written into a column range of (B·T, W) rows (the fused q/k/v projection's gradient), f32
+    // sums rounded to bf16 as the block does it: the whole buffer compared, untouched columns included.
+    {
+        let (cos, sin) = ops::rope_tables(&cfg, 12, DType::F32, &Device::Cpu)?;
+        let grad = randn(&[2, 4, 12, 16], 14, 1.0)?;
+        let rows_of = |device: &Device| -> Result<Tensor> {
+            let rows = randn(&[24, 112], 15, 1.0)?.to_dtype(DType::BF16)?.to_device(device)?;
+            let (c, s) = (cos.to_device(device)?, sin.to_device(device)?);
+            fused::rope::rope_backward_into(&grad.to_device(device)?, &c, &s, &rows, 32)?;
+            Ok(rows)
+        };
+        rows.push(Row {
+            name: "fused rope backward into columns".into(),
+            dtype: DType::BF16,
+            err: rel_err(&rows_of(cuda)?, &rows_of(&Device::Cpu)?)?,
+            tol: 1e-2,
+        });
+    }
     // The tiled attention (bf16, head_dim 64) against its f64 CPU twin on the same bf16 inputs: o, the
-    // log-sum-exps, dq, dk, dv — GQA over partial 64-position tiles (T 200, 300), and one whole tile.
-    for (b, h, kv, t) in [(2, 8, 2, 200), (1, 4, 4, 64), (1, 8, 2, 300)] {
+    // log-sum-exps, dq, dk, dv — GQA over partial 64-position tiles (T 200, 300), and one whole tile;
+    // the last with v read in place from the fused q/k/v projection's rows.
+    for (b, h, kv, t, v_in_rows) in [
+        (2, 8, 2, 200, false),
+        (1, 4, 4, 64, false),
+        (1, 8, 2, 300, false),
+        (2, 8, 2, 200, true),
+    ] {
         let bf = |shape: &[usize], seed| -> Result<Tensor> { Ok(randn(shape, seed, 1.0)?.to_dtype(DType::BF16)?) };
         let d = fused::flash::HEAD_DIM;
         let inputs = [
             bf(&[b, h, t, d], 60)?,
             bf(&[b, kv, t, d], 61)?,
-            bf(&[b, t, kv, d], 62)?,
+            bf(&[b, t, h + 2 * kv, d], 62)?,
             bf(&[b, t, h, d], 63)?,
         ];
         let run = |device: &Device| -> Result<Vec<Tensor>> {
             let [q, k, v, d_o] = inputs.each_ref().map(|x| x.to_device(device));
-            let (q, k, v, d_o) = (q?, k?, v?, d_o?);
+            let (q, k, v, d_o) = (q?, k?, v?.narrow(2, h + kv, kv)?, d_o?);
+            let v = if v_in_rows { v } else { v.contiguous()? };
             let (o, lse) = fused::flash::forward(&q, &k, &v)?;
             let (dq, dk, dv) = fused::flash::backward(&q, &k, &v, &o, &lse, &d_o)?;
             Ok(vec![o, lse, dq, dk, dv])
@@ -442,7 +480,10 @@ pub fn parity(cuda: &Device) -> Result<bool> {
             err = err.max(rel_err(got, want)?);
         }
         rows.push(Row {
-            name: format!("flash attention T {t} H {h}/{kv}"),
+            name: format!(
+                "flash attention T {t} H {h}/{kv}{}",
+                if v_in_rows { ", v in q/k/v rows" } else { "" }
+            ),
             dtype: DType::BF16,
             err,
             tol: 2e-2,

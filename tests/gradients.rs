@@ -284,6 +284,64 @@ fn fused_rope_matches_finite_differences_and_reference() {
         .unwrap();
     let expect = ops::rope(&heads, &cos, &sin).unwrap();
     assert!(max_diff(&fused::rope::rope(&x, &cos, &sin, 3).unwrap(), &expect) < 1e-12);
+    // As the fused q/k/v projection hands it over: a column range of wider rows, read in place.
+    let wide = randn(&[2, 5, 40], 5, 1.0);
+    let range = wide.narrow(2, 8, 24).unwrap();
+    let packed = range.contiguous().unwrap();
+    assert!(
+        max_diff(
+            &fused::rope::rope(&range, &cos, &sin, 3).unwrap(),
+            &fused::rope::rope(&packed, &cos, &sin, 3).unwrap()
+        ) == 0.0
+    );
+    // The inverse written into columns 8..32 of (B·T, 40) rows: exactly the inverse rotation there
+    // (RoPE⁻¹ ∘ RoPE is the identity), every other column untouched.
+    let rows = randn(&[10, 40], 6, 1.0);
+    let before = to_vec_f64(&rows);
+    let rotated = fused::rope::rope(&x, &cos, &sin, 3).unwrap();
+    fused::rope::rope_backward_into(&rotated, &cos, &sin, &rows, 8).unwrap();
+    let after = to_vec_f64(&rows);
+    let x_rows = to_vec_f64(&x.reshape((10, 24)).unwrap());
+    for r in 0..10 {
+        for c in 0..40 {
+            let (got, want) = (after[r * 40 + c], before[r * 40 + c]);
+            if (8..32).contains(&c) {
+                assert!((got - x_rows[r * 24 + c - 8]).abs() < 1e-12, "row {r} column {c}");
+            } else {
+                assert_eq!(got, want, "row {r} column {c} was written");
+            }
+        }
+    }
+}
+
+#[test]
+fn q_k_v_accumulators_are_row_ranges_of_the_fused_one() {
+    let cfg = LlamaConfig::tiny(40, true);
+    let params = Params::random(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
+    let acc = params.gradient_accumulators().unwrap();
+    let layer = "model.layers.1.self_attn.";
+    let fused = &acc[&format!("{layer}qkv_proj.weight")];
+    let parts = ["q_proj", "k_proj", "v_proj"].map(|p| acc[&format!("{layer}{p}.weight")].clone());
+    let rows: usize = parts.iter().map(|p| p.dim(0).unwrap()).sum();
+    assert_eq!(fused.dims(), [rows, cfg.hidden_size]);
+    // The parts share the fused tensor's storage: what is written there is what each part reads.
+    let pattern = Tensor::arange(0f32, (rows * cfg.hidden_size) as f32, &Device::Cpu)
+        .unwrap()
+        .reshape(fused.shape())
+        .unwrap();
+    fused.slice_set(&pattern, 0, 0).unwrap();
+    let mut first = 0;
+    for part in &parts {
+        let n = part.dim(0).unwrap();
+        assert_eq!(to_vec_f64(part), to_vec_f64(&pattern.narrow(0, first, n).unwrap()));
+        first += n;
+    }
+    // Not a parameter: every parameter has its accumulator, the fused one is extra.
+    assert!(params
+        .vars
+        .keys()
+        .all(|n| acc.contains_key(n) || params.vars[n].rank() != 2));
+    assert!(!params.vars.contains_key(&format!("{layer}qkv_proj.weight")));
 }
 
 #[test]

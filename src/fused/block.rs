@@ -11,14 +11,21 @@
 //! sees one node, and gets only `∂L/∂x` of the first block. The forward keeps what the composed graph
 //! kept, less the pre-RoPE q and k (or, checkpointing, each block's input only), and the backward frees
 //! each block's tensors as soon as it is done with them.
+//!
+//! q, k and v run as one projection (their weights' rows side by side, their accumulators row ranges
+//! of one tensor): one GEMM each for the forward, the input gradient and the weight gradient instead of
+//! three, whose k and v parts (a quarter of q's size) ran far below the GPU's rate: on an H100 a
+//! layer's q/k/v GEMMs took 268 → 210 µs at micro-batch 16 and 138 → 65 µs at 4, each timed alone
+//! (`scripts/experiments/gemm_algos.py`, `LAYOUT=fused`). RoPE and the attention read q, k and v in
+//! place as column ranges of the projection's rows, and RoPE⁻¹ writes dq and dk into theirs.
 
 use candle_core::{DType, Result, Tensor};
 use std::sync::Mutex;
 
-use super::linear::{add_product_into, input_gradient, project, sum_of_products};
+use super::linear::{add_product_into, input_gradient, project};
 use super::mlp::{mlp_backward, mlp_forward, MlpKept};
 use super::rms_norm::{rms_norm, rms_norm_backward_with_residual};
-use super::rope::{rope, rope_backward};
+use super::rope::{rope, rope_backward_into};
 use super::softmax::{attend, attention_scale, per_kv_head};
 use super::weight::add_into;
 use super::{flash, node1, residual, softmax, Backward1};
@@ -39,9 +46,9 @@ pub struct BlockSpec {
 }
 
 /// The forward's tensors the backward reads: the block input, the normed inputs of the projections
-/// (`a`, `m`), q and k after RoPE `(B, heads, T, D)`, v `(B, T, KV, D)`, the attention output rows `o`
-/// and (tiled kernels) their log-sum-exps, the residual after the attention `x1`, and the MLP's `gate`,
-/// `up` and SwiGLU product.
+/// (`a`, `m`), q and k after RoPE `(B, heads, T, D)`, v `(B, T, KV, D)` (a view of the fused q/k/v
+/// projection's rows), the attention output rows `o` and (tiled kernels) their log-sum-exps, the
+/// residual after the attention `x1`, and the MLP's `gate`, `up` and SwiGLU product.
 struct Saved {
     x: Tensor,
     a: Tensor,
@@ -55,17 +62,18 @@ struct Saved {
     mlp: MlpKept,
 }
 
-fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &BlockSpec) -> Result<(Tensor, Saved)> {
-    let [wq, wk, wv, wo, w_gate, w_up, w_down] = w;
+fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 5], spec: &BlockSpec) -> Result<(Tensor, Saved)> {
+    let [w_qkv, wo, w_gate, w_up, w_down] = w;
     let (b, t, d) = x.dims3()?;
     let (h, kv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
     let rows = b * t;
     let x = x.contiguous()?;
     let a = rms_norm(&x, g_in, spec.eps, spec.compute)?.reshape((rows, d))?;
-    let heads_of = |w: &Tensor, heads: usize| project(&a, w)?.reshape((b, t, heads * hd));
-    let q = rope(&heads_of(wq, h)?, &spec.cos, &spec.sin, h)?;
-    let k = rope(&heads_of(wk, kv)?, &spec.cos, &spec.sin, kv)?;
-    let v = heads_of(wv, kv)?.reshape((b, t, kv, hd))?;
+    // One GEMM for q, k and v; each is then read in place as a column range of its rows.
+    let qkv = project(&a, w_qkv)?.reshape((b, t, (h + 2 * kv) * hd))?;
+    let q = rope(&qkv.narrow(2, 0, h * hd)?, &spec.cos, &spec.sin, h)?;
+    let k = rope(&qkv.narrow(2, h * hd, kv * hd)?, &spec.cos, &spec.sin, kv)?;
+    let v = qkv.reshape((b, t, h + 2 * kv, hd))?.narrow(2, h + kv, kv)?;
     let (o, lse) = attention(&q, &k, &v)?;
     let x1 = residual::add(&x, &project(&o, wo)?)?;
     let m = rms_norm(&x1, g_post, spec.eps, spec.compute)?.reshape((rows, d))?;
@@ -88,20 +96,21 @@ fn forward(x: &Tensor, [g_in, g_post]: [&Tensor; 2], w: [&Tensor; 7], spec: &Blo
 
 /// The composed graph's backward, node by node: the MLP (its three weight gradients), the
 /// post-attention norm with the residual's gradient added (and its compute copy for o_proj) in the
-/// same pass; o_proj, the attention, RoPE⁻¹ on dq and dk, the q/k/v weight gradients, the input norm
+/// same pass; o_proj, the attention, RoPE⁻¹ on dq and dk, the q/k/v weight gradient, the input norm
 /// with the residual added. `grad` is `∂L/∂out` with its copy in the compute dtype; returns `∂L/∂x`
 /// and its compute-dtype copy (written by the input norm's backward pass: the block below needs both,
 /// and casting again would be one more pass) and the two gains' gradients.
 fn backward(
     s: Saved,
     [g_in, g_post]: [&Tensor; 2],
-    w: [&Tensor; 7],
-    acc: [&Tensor; 7],
+    w: [&Tensor; 5],
+    acc: [&Tensor; 5],
+    qkv_parts: [&Tensor; 3],
     spec: &BlockSpec,
     [grad, grad_compute]: [&Tensor; 2],
 ) -> Result<([Tensor; 2], [Tensor; 2])> {
-    let [wq, wk, wv, wo, w_gate, w_up, w_down] = w;
-    let [aq, ak, av, ao, a_gate, a_up, a_down] = acc;
+    let [w_qkv, wo, w_gate, w_up, w_down] = w;
+    let [a_qkv, ao, a_gate, a_up, a_down] = acc;
     let (b, t, d) = s.x.dims3()?;
     let (h, kv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
     let rows = b * t;
@@ -119,28 +128,35 @@ fn backward(
     add_product_into(ao, &dy, &s.o)?;
     overlap::accumulated(ao)?;
     let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &input_gradient(&dy, wo)?)?;
-    let dq = rope_backward(&dq, &spec.cos, &spec.sin, dv.dtype())?.reshape((rows, h * hd))?;
-    let dk = rope_backward(&dk, &spec.cos, &spec.sin, dv.dtype())?.reshape((rows, kv * hd))?;
-    let dv = dv.reshape((rows, kv * hd))?;
-    for (acc, g) in [(aq, &dq), (ak, &dk), (av, &dv)] {
-        add_product_into(acc, g, &s.a)?;
+    // dq, dk and dv side by side, the fused projection's output gradient: one GEMM for its weight
+    // gradient and one for its input's. RoPE⁻¹ writes its columns in place.
+    // SAFETY: every column is written below (dq, dk, then dv).
+    let dqkv = unsafe { Tensor::empty((rows, (h + 2 * kv) * hd), dv.dtype(), dv.device())? };
+    rope_backward_into(&dq, &spec.cos, &spec.sin, &dqkv, 0)?;
+    rope_backward_into(&dk, &spec.cos, &spec.sin, &dqkv, h * hd)?;
+    dqkv.slice_set(&dv.reshape((rows, kv * hd))?, 1, (h + kv) * hd)?;
+    add_product_into(a_qkv, &dqkv, &s.a)?;
+    for acc in qkv_parts {
         overlap::accumulated(acc)?;
     }
-    let da = sum_of_products(&[(&dq, wq), (&dk, wk), (&dv, wv)])?;
+    let da = input_gradient(&dqkv, w_qkv)?;
     let (dx, dx_compute, dg_in) =
         rms_norm_backward_with_residual(&s.x, g_in, &da.reshape((b, t, d))?, Some(&dx1), spec.eps, spec.compute)?;
     Ok(([dx, dx_compute], [dg_in, dg_post]))
 }
 
 /// One layer's tensors for [`decoder_stack`]: the two RMSNorm gains (input, post-attention) and the
-/// accumulators of their gradients, the seven compute-dtype projections (q, k, v, o, gate, up, down)
-/// and theirs.
+/// accumulators of their gradients; the five compute-dtype projections — q, k and v as one
+/// (`(heads + 2·kv_heads)·head_dim` rows, in that order), o, gate, up, down — and theirs; and q, k and
+/// v's own accumulators, views of the fused one's rows that a data-parallel step sums as soon as the
+/// fused one is complete.
 #[derive(Clone)]
 pub struct LayerTensors {
     pub gains: [Tensor; 2],
     pub gain_acc: [Tensor; 2],
-    pub w: [Tensor; 7],
-    pub acc: [Tensor; 7],
+    pub w: [Tensor; 5],
+    pub acc: [Tensor; 5],
+    pub qkv_parts: [Tensor; 3],
 }
 
 /// Every decoder block, in order, as one autograd node over the first block's input `x: (B, T, d)`
@@ -209,7 +225,8 @@ impl Backward1 for DecoderStack {
                 Kept::Saved(s) => s,
                 Kept::Input(x) => forward(&x, gains, w, &self.spec)?.1,
             };
-            let (dx, dgains) = backward(saved, gains, w, l.acc.each_ref(), &self.spec, grads.each_ref())?;
+            let (acc, parts) = (l.acc.each_ref(), l.qkv_parts.each_ref());
+            let (dx, dgains) = backward(saved, gains, w, acc, parts, &self.spec, grads.each_ref())?;
             for (acc, g) in l.gain_acc.iter().zip(&dgains) {
                 add_into(acc, g)?;
                 overlap::accumulated(acc)?;

@@ -220,7 +220,7 @@ fn to_tensor(values: Vec<f64>, shape: impl Into<candle_core::Shape>, like: &Tens
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{Shapes, Strides};
-    use crate::fused::cuda::{launch, tensor_ptr, Arg};
+    use crate::fused::cuda::{launch, tensor_view_ptr, Arg};
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
     use candle_core::{DType, Result, Tensor};
 
@@ -240,16 +240,31 @@ mod cuda {
         }
     }
 
-    /// Device addresses of contiguous tensors; the kernels read bf16 rows as 16-byte vectors.
+    /// Device addresses of the tensors' first elements (each read with the strides the kernel is given);
+    /// the kernels read bf16 rows as 16-byte vectors.
     fn ptrs<const N: usize>(ts: [&Tensor; N], op: &str) -> Result<[u64; N]> {
         let mut out = [0u64; N];
         for (o, t) in out.iter_mut().zip(ts) {
-            *o = tensor_ptr(t, op)?;
+            *o = tensor_view_ptr(t, op)?;
             if t.dtype() == DType::BF16 && *o % 16 != 0 {
                 candle_core::bail!("{op}: a bf16 input is not 16-byte aligned");
             }
         }
         Ok(out)
+    }
+
+    /// `v: (B, T, KV, D)` as the kernels read it, and its strides: in place when each (position, head)
+    /// row is contiguous and 16-byte aligned (v within the fused q/k/v projection's rows), else a
+    /// contiguous copy.
+    fn v_rows(v: &Tensor) -> Result<(Tensor, Strides)> {
+        let v = match v.stride() {
+            &[sb, st, sh, 1] if [sb, st, sh].iter().all(|s| s % 8 == 0) => v.clone(),
+            _ => v.contiguous()?,
+        };
+        let &[b, t, h, _] = v.stride() else {
+            candle_core::bail!("flash attention: v {:?} is not (B, T, KV, D)", v.dims())
+        };
+        Ok((v, Strides { b, h, t }))
     }
 
     fn tiles(rows: usize, tile: usize, y: usize, z: usize) -> LaunchConfig {
@@ -271,7 +286,9 @@ mod cuda {
 
     pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &Shapes) -> Result<(Tensor, Tensor)> {
         let op = "flash attention";
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (q, k) = (q.contiguous()?, k.contiguous()?);
+        let (v, v_strides) = v_rows(v)?;
+        let s = &Shapes { v: v_strides, ..*s };
         let dev = cuda_device(&q)?;
         // SAFETY: the kernel writes every row of o and every log-sum-exp.
         let o = unsafe { Tensor::empty((s.b, s.t, s.h, s.d), DType::BF16, q.device())? };
@@ -297,13 +314,11 @@ mod cuda {
         s: &Shapes,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let op = "flash attention backward";
-        let (q, k, v, o, d_o) = (
-            q.contiguous()?,
-            k.contiguous()?,
-            v.contiguous()?,
-            o.contiguous()?,
-            d_o.contiguous()?,
-        );
+        let (q, k, o, d_o) = (q.contiguous()?, k.contiguous()?, o.contiguous()?, d_o.contiguous()?);
+        let (v, v_strides) = v_rows(v)?;
+        // dv is written packed, (B, T, KV, D).
+        let dv_strides = s.v;
+        let s = &Shapes { v: v_strides, ..*s };
         let dev = cuda_device(&q)?;
         let rows = s.b * s.h * s.t;
         // SAFETY: the delta kernel writes every row's sum.
@@ -331,7 +346,7 @@ mod cuda {
             .map(Arg::Ptr)
             .into_iter()
             .chain(ints(s))
-            .chain([s.q, s.k, s.v, s.o, s.q, s.k, s.v].into_iter().flat_map(strides))
+            .chain([s.q, s.k, s.v, s.o, s.q, s.k, dv_strides].into_iter().flat_map(strides))
             .collect();
         let grid = LaunchConfig {
             grid_dim: (s.h as u32, s.b as u32, s.t.div_ceil(64) as u32),

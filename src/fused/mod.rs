@@ -318,7 +318,14 @@ pub(crate) mod cuda {
 
     /// Device address of the first element of a contiguous tensor's view.
     pub fn ptr(storage: &CudaStorage, layout: &Layout, op: &str) -> Result<u64> {
-        let (start, _) = super::contiguous_range(layout, op)?;
+        super::contiguous_range(layout, op)?;
+        view_ptr(storage, layout, op)
+    }
+
+    /// Device address of the first element of a view, whatever its strides (the kernel that reads it
+    /// is given them).
+    pub fn view_ptr(storage: &CudaStorage, layout: &Layout, op: &str) -> Result<u64> {
+        let start = layout.start_offset();
         let (base, size) = match &storage.slice {
             CudaStorageSlice::F32(s) => (s.device_ptr(s.stream()).0, 4),
             CudaStorageSlice::BF16(s) => (s.device_ptr(s.stream()).0, 2),
@@ -332,9 +339,15 @@ pub(crate) mod cuda {
     /// Device address of a (contiguous, CUDA) tensor held outside the op's arguments. The caller keeps
     /// the tensor alive until the launch is enqueued; the single stream orders everything after it.
     pub fn tensor_ptr(t: &Tensor, op: &str) -> Result<u64> {
+        super::contiguous_range(t.layout(), op)?;
+        tensor_view_ptr(t, op)
+    }
+
+    /// [`view_ptr`] of a tensor held outside the op's arguments.
+    pub fn tensor_view_ptr(t: &Tensor, op: &str) -> Result<u64> {
         let (storage, layout) = t.storage_and_layout();
         match &*storage {
-            Storage::Cuda(s) => ptr(s, layout, op),
+            Storage::Cuda(s) => view_ptr(s, layout, op),
             _ => candle_core::bail!("{op}: tensor is not on the CUDA device"),
         }
     }

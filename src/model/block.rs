@@ -39,16 +39,12 @@ pub(super) struct LayerWeights {
 }
 
 const GAINS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
-/// The projections, in the order `fused::block::LayerTensors` holds them.
-const PROJECTIONS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+/// The projections q, k and v, which the fused block stack runs as one ([`QKV`]).
+const QKV_PARTS: [&str; 3] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
+/// q, k and v as one projection: the rows of the three, in that order (`model::llama::qkv_name`).
+const QKV: &str = "self_attn.qkv_proj";
+/// The other projections, in the order `fused::block::LayerTensors` holds them after [`QKV`].
+const PROJECTIONS: [&str; 4] = ["self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
 
 impl LayerWeights {
     pub fn of(layer: usize, w: &BTreeMap<String, Tensor>, grads_into: &BTreeMap<String, Tensor>) -> Result<Self> {
@@ -78,30 +74,39 @@ impl LayerWeights {
         self.accumulators.get(&self.name(local))
     }
 
-    /// The layer as [`fused::block::decoder_stack`] takes it, when every projection and both gains have
-    /// an accumulator (the training step's weights on the fused kernels).
+    /// The layer as [`fused::block::decoder_stack`] takes it, when every projection (q/k/v also as
+    /// one) and both gains have an accumulator (the training step's weights on the fused kernels).
+    /// q/k/v's compute copy is the step's (made once per step) or, where the caller has none, the
+    /// three side by side.
     pub fn stack_tensors(&self) -> Result<Option<fused::block::LayerTensors>> {
-        let (Some(acc), Some(gain_acc)) = (
-            PROJECTIONS
+        let all = |names: &[&str]| {
+            names
+                .iter()
                 .map(|n| self.accumulator(n).cloned())
-                .into_iter()
-                .collect::<Option<Vec<_>>>(),
-            GAINS
-                .map(|n| self.accumulator(n).cloned())
-                .into_iter()
-                .collect::<Option<Vec<_>>>(),
-        ) else {
+                .collect::<Option<Vec<_>>>()
+        };
+        let (Some(acc), Some(parts), Some(gain_acc)) =
+            (all(&[&[QKV][..], &PROJECTIONS].concat()), all(&QKV_PARTS), all(&GAINS))
+        else {
             return Ok(None);
         };
-        let w = PROJECTIONS
-            .iter()
-            .map(|n| Ok(self.get(n)?.clone()))
-            .collect::<Result<Vec<_>>>()?;
+        let w_qkv = match self.weights.get(&self.name(QKV)) {
+            Some(w) => w.clone(),
+            None => {
+                let parts = QKV_PARTS.iter().map(|n| self.get(n)).collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)?
+            }
+        };
+        let mut w = vec![w_qkv];
+        for n in PROJECTIONS {
+            w.push(self.get(n)?.clone());
+        }
         Ok(Some(fused::block::LayerTensors {
             gains: self.gains()?,
             gain_acc: array(gain_acc)?,
             w: array(w)?,
             acc: array(acc)?,
+            qkv_parts: array(parts)?,
         }))
     }
 

@@ -98,15 +98,41 @@ impl Params {
     /// (`fused::weight`, `fused::linear`, `fused::embedding`), and for the norm gains, which the fused
     /// block stack adds into (`fused::block::decoder_stack`); elsewhere a gain's stays zero and its
     /// gradient comes through autograd.
+    ///
+    /// A layer's q, k and v accumulators are row ranges of one tensor, which the map also holds under
+    /// [`qkv_name`] (not a parameter): the fused block stack adds the three gradients with one GEMM.
     pub fn gradient_accumulators(&self) -> Result<BTreeMap<String, Tensor>> {
-        self.vars
+        let mut acc = BTreeMap::new();
+        for (name, var) in self
+            .vars
             .iter()
             .filter(|(name, var)| var.rank() == 2 || is_norm_gain(name))
-            .map(|(name, var)| {
-                let dtype = ops::stat_dtype(var.dtype());
-                Ok((name.clone(), Tensor::zeros(var.shape(), dtype, var.device())?))
-            })
-            .collect()
+        {
+            if acc.contains_key(name) {
+                continue;
+            }
+            let dtype = ops::stat_dtype(var.dtype());
+            let parts = qkv_parts(name).map(|names| names.map(|n| self.vars.get(&n).map(|v| (n, v))));
+            match parts {
+                Some([Some(q), Some(k), Some(v)]) => {
+                    let rows: Vec<usize> = [q.1, k.1, v.1]
+                        .iter()
+                        .map(|v| v.dim(0))
+                        .collect::<candle_core::Result<_>>()?;
+                    let fused = Tensor::zeros((rows.iter().sum::<usize>(), var.dim(1)?), dtype, var.device())?;
+                    let mut first = 0;
+                    for ((part, _), count) in [q, k, v].into_iter().zip(rows) {
+                        acc.insert(part, fused.narrow(0, first, count)?);
+                        first += count;
+                    }
+                    acc.insert(qkv_name(name).expect("a q/k/v projection"), fused);
+                }
+                _ => {
+                    acc.insert(name.clone(), Tensor::zeros(var.shape(), dtype, var.device())?);
+                }
+            }
+        }
+        Ok(acc)
     }
 
     pub fn to_tensors(&self) -> BTreeMap<String, Tensor> {
@@ -122,6 +148,25 @@ impl Params {
 pub const EMBEDDING: &str = "model.embed_tokens.weight";
 /// The output head: an untied model's own weight, or the step's compute copy of a tied embedding.
 pub const HEAD: &str = "lm_head.weight";
+
+const QKV: [&str; 3] = [
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+];
+
+/// The name under which a layer's q, k and v projections are held as one (rows of q, then k, then v):
+/// their accumulators' common tensor, and the step's compute copy of the three side by side.
+pub fn qkv_name(part: &str) -> Option<String> {
+    let layer = QKV.iter().find_map(|suffix| part.strip_suffix(suffix))?;
+    Some(format!("{layer}self_attn.qkv_proj.weight"))
+}
+
+/// The names of the q, k and v projections of `part`'s layer, if `part` is one of them.
+pub fn qkv_parts(part: &str) -> Option<[String; 3]> {
+    let layer = QKV.iter().find_map(|suffix| part.strip_suffix(suffix))?;
+    Some(QKV.map(|suffix| format!("{layer}{suffix}")))
+}
 
 /// An RMSNorm gain (`…layernorm.weight`, `model.norm.weight`).
 pub fn is_norm_gain(name: &str) -> bool {

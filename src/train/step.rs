@@ -10,7 +10,7 @@ use super::optim::{AdamW, CopySpec, Update};
 use super::{schedule, Trainer};
 use crate::dist::{overlap, ReduceOp};
 use crate::fused::{self, weight, Kernels};
-use crate::model::llama::{is_norm_gain, EMBEDDING, HEAD};
+use crate::model::llama::{is_norm_gain, qkv_name, qkv_parts, EMBEDDING, HEAD};
 use crate::quant::grid::TensorGrid;
 use crate::quant::{dist_loss, harden, stats, Method, Pull, View};
 
@@ -21,6 +21,34 @@ type StepWeights = BTreeMap<String, Tensor>;
 pub struct WrittenCopy {
     pub copy: Tensor,
     grid: Option<(candle_core::TensorId, f64)>,
+}
+
+/// Each layer whose q, k and v compute copies add their gradients straight into their accumulators
+/// gets the three side by side as one compute copy (made once per step, not per micro-batch) and the
+/// accumulators' common tensor, both under `qkv_name`: the fused block stack's one q/k/v projection.
+fn fuse_qkv(
+    accumulators: &BTreeMap<String, Tensor>,
+    weights: &mut BTreeMap<String, Tensor>,
+    direct: &mut BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let fused: Vec<(String, [String; 3])> = direct
+        .keys()
+        .filter_map(|name| Some((qkv_name(name)?, qkv_parts(name)?)))
+        .filter(|(_, parts)| parts.iter().all(|p| direct.contains_key(p) && weights.contains_key(p)))
+        .collect();
+    for (name, parts) in fused {
+        if weights.contains_key(&name) {
+            continue;
+        }
+        let Some(acc) = accumulators.get(&name) else {
+            continue;
+        };
+        let copies: Vec<&Tensor> = parts.iter().map(|p| &weights[p]).collect();
+        let copy = Tensor::cat(&copies, 0)?.detach();
+        weights.insert(name.clone(), copy);
+        direct.insert(name, acc.clone());
+    }
+    Ok(())
 }
 
 fn grid_key(on_grid: &Option<weight::OnGrid>) -> Option<(candle_core::TensorId, f64)> {
@@ -145,6 +173,9 @@ impl Trainer {
             };
             weights.insert(name.clone(), w);
         }
+        if self.model.kernels == Kernels::Fused {
+            fuse_qkv(accumulators, &mut weights, &mut direct)?;
+        }
         Ok((weights, direct, plan))
     }
 
@@ -181,7 +212,9 @@ impl Trainer {
         // last micro-batch's backward completes each one (`dist::overlap`); the rest after it.
         let early: Vec<Tensor> = grads_into
             .iter()
-            .filter(|(name, _)| name.as_str() != EMBEDDING && name.as_str() != HEAD)
+            .filter(|(name, _)| {
+                name.as_str() != EMBEDDING && name.as_str() != HEAD && self.params.vars.contains_key(*name)
+            })
             .map(|(_, acc)| acc.clone())
             .collect();
         let mut summed_early = HashSet::new();
@@ -226,7 +259,11 @@ impl Trainer {
             self.mark("backward")?;
         }
         drop((early, weights, grads_into));
-        for (name, acc) in accumulators {
+        // Per parameter (the fused q/k/v accumulators are their parts' storage, not parameters).
+        for (name, acc) in accumulators
+            .into_iter()
+            .filter(|(name, _)| self.params.vars.contains_key(name))
+        {
             if summed_early.contains(&acc.id()) && grads.contains_key(&name) {
                 bail!("`{name}`: summed over ranks during backward, yet autograd also produced a gradient");
             }
