@@ -18,7 +18,16 @@ use crate::train::optim::{AdamW, CopySpec, Update};
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    // NaN wins (a NaN result must fail its row, not vanish in the maximum).
+    let diff = (&a - &b)?
+        .abs()?
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .fold(
+            0.0,
+            |m: f64, d| if m.is_nan() || d.is_nan() { f64::NAN } else { m.max(d) },
+        );
     let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-30);
     Ok(diff / scale)
 }

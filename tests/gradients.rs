@@ -242,7 +242,11 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         .iter()
         .zip(to_vec_f64(b))
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+        // NaN wins (f64::max would drop it, and a NaN gradient would pass).
+        .fold(
+            0.0,
+            |m: f64, d| if m.is_nan() || d.is_nan() { f64::NAN } else { m.max(d) },
+        )
 }
 
 #[test]
