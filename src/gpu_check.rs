@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::fused::{self, Kernels};
-use crate::model::llama::{is_norm_gain, EMBEDDING};
+use crate::model::llama::{is_norm_gain, AccumulatorStart, EMBEDDING};
 use crate::model::{io, ops, Llama, LlamaConfig, Params};
 use crate::quant::grid::{GridConfig, TensorGrid};
 use crate::train::optim::{AdamW, CopySpec, Update};
@@ -622,7 +622,9 @@ fn tiny_llama_rows(cfg: &LlamaConfig, seq: usize, label: &str, cuda: &Device, ro
     // `accumulating`: the weights as the training step passes them (projections and the head as compute
     // copies that add their gradients into accumulators, the f32 embedding table looked up into its
     // own), so the fused path runs each block as one node (`fused::block`) and the head with the loss
-    // as another (`fused::cross_entropy::head_cross_entropy`).
+    // as another (`fused::cross_entropy::head_cross_entropy`). Accumulating runs two backward passes
+    // into unwritten accumulators, as a training step of two micro-batches does (the first pass's
+    // weight-gradient GEMMs overwrite them with β = 0, `fused::accumulate`), and reports their mean.
     let run = |device: &Device,
                dtype: DType,
                kernels: Kernels,
@@ -635,10 +637,10 @@ fn tiny_llama_rows(cfg: &LlamaConfig, seq: usize, label: &str, cuda: &Device, ro
             .collect::<Result<_>>()?;
         let params = Params::from_tensors(cfg, tensors, DType::F32)?;
         let model = Llama::new(cfg.clone(), dtype, device).with_kernels(kernels);
-        let acc: BTreeMap<String, Tensor> = if accumulating {
-            params.gradient_accumulators()?
+        let (acc, passes) = if accumulating {
+            (params.gradient_accumulators(AccumulatorStart::Unwritten)?, 2)
         } else {
-            BTreeMap::new()
+            (BTreeMap::new(), 1)
         };
         let w = params.compute_weights(dtype, |n, x| match acc.get(n) {
             Some(a) if n != EMBEDDING && !is_norm_gain(n) => {
@@ -647,22 +649,37 @@ fn tiny_llama_rows(cfg: &LlamaConfig, seq: usize, label: &str, cuda: &Device, ro
             _ => Ok(x.clone()),
         })?;
         let input = Tensor::from_vec(ids.clone(), (2, seq), device)?;
-        let (loss, _) = model.loss_into(&w, &acc, &input, &labels)?;
-        let grads = loss.backward()?;
+        let mut loss = None;
+        let mut autograd: BTreeMap<String, Tensor> = BTreeMap::new();
+        for _ in 0..passes {
+            let (pass_loss, _) = model.loss_into(&w, &acc, &input, &labels)?;
+            let grads = pass_loss.backward()?;
+            for (n, v) in &params.vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    let sum = match autograd.remove(n) {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    };
+                    autograd.insert(n.clone(), sum);
+                }
+            }
+            loss.get_or_insert(pass_loss);
+        }
+        fused::accumulate::finish()?;
         let g = params
             .vars
-            .iter()
-            .map(|(n, v)| {
+            .keys()
+            .map(|n| {
                 // A norm gain's gradient is in its accumulator (the block stack) or comes through
                 // autograd (the final norm, the composed blocks), the other holding none.
-                let g = match (acc.get(n), grads.get(v.as_tensor())) {
+                let g = match (acc.get(n), autograd.get(n)) {
                     (Some(a), Some(g)) => (a + g)?,
                     (a, g) => a.or(g).context("missing grad")?.clone(),
                 };
-                Ok((n.clone(), g))
+                Ok((n.clone(), (g / passes as f64)?))
             })
             .collect::<Result<_>>()?;
-        Ok((loss, g))
+        Ok((loss.context("no pass")?, g))
     };
     // Reference on the CPU; both kernel sets on CUDA, and the fused blocks of the training step.
     let (ref_loss, ref_grads) = run(&Device::Cpu, DType::F32, Kernels::Reference, false)?;
@@ -677,7 +694,7 @@ fn tiny_llama_rows(cfg: &LlamaConfig, seq: usize, label: &str, cuda: &Device, ro
             for (n, g) in &grads {
                 err = err.max(rel_err(g, &ref_grads[n])?);
             }
-            let what = if accumulating { " (block nodes)" } else { "" };
+            let what = if accumulating { " (block nodes, 2 passes)" } else { "" };
             rows.push(Row {
                 name: format!("tiny llama{label} {kernels:?}{what} loss+grads"),
                 dtype,

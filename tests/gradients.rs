@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{randn, to_vec_f64};
 use proxqat::fused::{self, Kernels};
-use proxqat::model::llama::{is_norm_gain, EMBEDDING, HEAD};
+use proxqat::model::llama::{is_norm_gain, AccumulatorStart, EMBEDDING, HEAD};
 use proxqat::model::{ops, Llama, LlamaConfig, Params};
 
 /// Compare autograd's gradient of `f` at `x0` with central differences on up to `probes` entries.
@@ -322,7 +322,7 @@ fn fused_rope_matches_finite_differences_and_reference() {
 fn q_k_v_accumulators_are_row_ranges_of_the_fused_one() {
     let cfg = LlamaConfig::tiny(40, true);
     let params = Params::random(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
-    let acc = params.gradient_accumulators().unwrap();
+    let acc = params.gradient_accumulators(AccumulatorStart::Zeros).unwrap();
     let layer = "model.layers.1.self_attn.";
     let fused = &acc[&format!("{layer}qkv_proj.weight")];
     let parts = ["q_proj", "k_proj", "v_proj"].map(|p| acc[&format!("{layer}{p}.weight")].clone());
@@ -570,6 +570,7 @@ fn fused_linear_matches_finite_differences_and_accumulates_the_weight_gradient()
 fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches() {
     // The projections' gradients land in the accumulators (in place, across two micro-batches); the
     // rest in the GradStore. Both must equal plain autograd's sums, with and without a weight view.
+    // The accumulators start unwritten, as the training step's (NaN on the CPU until first written).
     let cfg = LlamaConfig::tiny(40, true);
     let params = Params::random(&cfg, 5, DType::F64, &Device::Cpu).unwrap();
     let model = Llama::new(cfg, DType::F64, &Device::Cpu);
@@ -584,7 +585,7 @@ fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches()
         let view = |x: &Tensor| x.affine(if scaled { 2.0 } else { 1.0 }, 0.0);
         let mut want: std::collections::BTreeMap<String, Tensor> = Default::default();
         let plain = params.compute_weights(DType::F64, |_, x| Ok(view(x)?)).unwrap();
-        let acc = params.gradient_accumulators().unwrap();
+        let acc = params.gradient_accumulators(AccumulatorStart::Unwritten).unwrap();
         // As the training step builds them: the view (if any) on an accumulating copy; for `direct`,
         // the embedding table is the master itself (fused lookup) and the tied head its own copy.
         let mut fused: std::collections::BTreeMap<String, Tensor> = params
@@ -636,6 +637,7 @@ fn accumulating_weights_give_the_gradstore_gradients_summed_over_micro_batches()
                 }
             }
         }
+        fused::accumulate::finish().unwrap();
         for (name, w) in &want {
             let got = acc.get(name).or(rest.get(name)).unwrap();
             assert!(
@@ -753,7 +755,7 @@ fn checkpointed_blocks_give_the_same_loss_and_gradients_and_keep_no_activations(
             let model = Llama::new(cfg, DType::F64, &Device::Cpu)
                 .with_kernels(kernels)
                 .with_checkpointing(checkpoint);
-            let acc = params.gradient_accumulators().unwrap();
+            let acc = params.gradient_accumulators(AccumulatorStart::Zeros).unwrap();
             let w: std::collections::BTreeMap<String, Tensor> = params
                 .vars
                 .iter()

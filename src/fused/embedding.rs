@@ -62,6 +62,7 @@ impl CustomOp2 for Lookup {
         _rows: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        super::accumulate::before_write(&self.acc, false)?;
         self.acc.inplace_op3(&grad.detach().contiguous()?, ids, &AddRows)?;
         Ok((None, None))
     }

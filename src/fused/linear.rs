@@ -85,14 +85,16 @@ impl CustomOp2 for Linear {
     }
 }
 
-/// `acc += aᵀ · b` for `a: (m, n)`, `b: (m, k)`, `acc: (n, k)`.
+/// `acc += aᵀ · b` for `a: (m, n)`, `b: (m, k)`, `acc: (n, k)`; `acc = aᵀ · b` (β = 0) on CUDA when
+/// `acc` is still unwritten (`accumulate`).
 pub(super) fn add_product_into(acc: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
     #[cfg(feature = "cuda")]
     if acc.device().is_cuda() {
         if acc.dtype() != DType::F32 {
             candle_core::bail!("fused linear: CUDA accumulators are f32");
         }
-        return gemm::gemm(acc, &a.contiguous()?, true, &b.contiguous()?, false, true);
+        let overwrite = super::accumulate::before_write(acc, true)?;
+        return gemm::gemm(acc, &a.contiguous()?, true, &b.contiguous()?, false, !overwrite);
     }
     // CPU: the product in the inputs' dtype, then added (as the compute copy's backward adds it).
     super::weight::add_into(acc, &a.t()?.matmul(b)?)

@@ -140,6 +140,7 @@ impl CustomOp1 for ComputeCopy {
 
 /// `acc += g` in place (acc f32 or f64, contiguous; g any float dtype, cast on the fly).
 pub(crate) fn add_into(acc: &Tensor, g: &Tensor) -> Result<()> {
+    super::accumulate::before_write(acc, false)?;
     acc.inplace_op2(&g.contiguous()?, &AddInto)
 }
 

@@ -5,7 +5,7 @@
 //! Prox-QAT (forward at q(x), selective, STE) come in without copying the model.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Shape, Tensor, Var, D};
 use std::collections::BTreeMap;
 
 use super::block::{get, Block, LayerWeights};
@@ -13,11 +13,21 @@ use super::checkpoint;
 use super::config::LlamaConfig;
 use super::ops;
 use crate::data::IGNORE;
-use crate::fused::{self, Kernels};
+use crate::fused::{self, accumulate, Kernels};
 
 /// The master parameters, keyed by HF name. f32 everywhere except f64 in gradient tests.
 pub struct Params {
     pub vars: BTreeMap<String, Var>,
+}
+
+/// How [`Params::gradient_accumulators`] starts the accumulators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccumulatorStart {
+    /// Zero-filled.
+    Zeros,
+    /// Unwritten, the first write into each overwriting or zero-filling it (`fused::accumulate`;
+    /// `accumulate::finish` once the backward passes are done): the training step's.
+    Unwritten,
 }
 
 impl Params {
@@ -93,7 +103,7 @@ impl Params {
             .collect()
     }
 
-    /// Zeroed gradient accumulators (f32; f64 for f64 weights) for the matrices (projections and the
+    /// Gradient accumulators (f32; f64 for f64 weights), started as `start` says, for the matrices (projections and the
     /// embedding table), whose compute copies and fused lookups add their gradients into them in place
     /// (`fused::weight`, `fused::linear`, `fused::embedding`), and for the norm gains, which the fused
     /// block stack adds into (`fused::block::decoder_stack`); elsewhere a gain's stays zero and its
@@ -101,7 +111,14 @@ impl Params {
     ///
     /// A layer's q, k and v accumulators are row ranges of one tensor, which the map also holds under
     /// [`qkv_name`] (not a parameter): the fused block stack adds the three gradients with one GEMM.
-    pub fn gradient_accumulators(&self) -> Result<BTreeMap<String, Tensor>> {
+    pub fn gradient_accumulators(&self, start: AccumulatorStart) -> Result<BTreeMap<String, Tensor>> {
+        let new = |shape: Shape, dtype, device: &Device| match start {
+            AccumulatorStart::Zeros => Tensor::zeros(shape, dtype, device),
+            AccumulatorStart::Unwritten => accumulate::unwritten(shape, dtype, device),
+        };
+        if start == AccumulatorStart::Unwritten {
+            accumulate::clear();
+        }
         let mut acc = BTreeMap::new();
         for (name, var) in self
             .vars
@@ -119,16 +136,20 @@ impl Params {
                         .iter()
                         .map(|v| v.dim(0))
                         .collect::<candle_core::Result<_>>()?;
-                    let fused = Tensor::zeros((rows.iter().sum::<usize>(), var.dim(1)?), dtype, var.device())?;
+                    let fused = new((rows.iter().sum::<usize>(), var.dim(1)?).into(), dtype, var.device())?;
                     let mut first = 0;
                     for ((part, _), count) in [q, k, v].into_iter().zip(rows) {
-                        acc.insert(part, fused.narrow(0, first, count)?);
+                        let view = fused.narrow(0, first, count)?;
+                        if start == AccumulatorStart::Unwritten {
+                            accumulate::register_view(&view, &fused);
+                        }
+                        acc.insert(part, view);
                         first += count;
                     }
                     acc.insert(qkv_name(name).expect("a q/k/v projection"), fused);
                 }
                 _ => {
-                    acc.insert(name.clone(), Tensor::zeros(var.shape(), dtype, var.device())?);
+                    acc.insert(name.clone(), new(var.shape().clone(), dtype, var.device())?);
                 }
             }
         }
