@@ -40,9 +40,9 @@ pub(super) struct LayerWeights {
 
 const GAINS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
 /// The projections q, k and v, which the fused block stack runs as one ([`QKV`]).
-const QKV_PARTS: [&str; 3] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
+pub(super) const QKV_PARTS: [&str; 3] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
 /// q, k and v as one projection: the rows of the three, in that order (`model::llama::qkv_name`).
-const QKV: &str = "self_attn.qkv_proj";
+pub(super) const QKV: &str = "self_attn.qkv_proj";
 /// The other projections, in the order `fused::block::LayerTensors` holds them after [`QKV`].
 const PROJECTIONS: [&str; 4] = ["self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
 

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor, Var, D};
 use std::collections::BTreeMap;
 
-use super::block::{get, Block, LayerWeights};
+use super::block::{get, Block, LayerWeights, QKV, QKV_PARTS};
 use super::checkpoint;
 use super::config::LlamaConfig;
 use super::ops;
@@ -170,23 +170,23 @@ pub const EMBEDDING: &str = "model.embed_tokens.weight";
 /// The output head: an untied model's own weight, or the step's compute copy of a tied embedding.
 pub const HEAD: &str = "lm_head.weight";
 
-const QKV: [&str; 3] = [
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-];
+/// The layer prefix of `part` (`model.layers.N.`) if it is a q, k or v projection.
+fn qkv_layer(part: &str) -> Option<&str> {
+    QKV_PARTS
+        .iter()
+        .find_map(|local| part.strip_suffix(format!("{local}.weight").as_str()))
+}
 
 /// The name under which a layer's q, k and v projections are held as one (rows of q, then k, then v):
 /// their accumulators' common tensor, and the step's compute copy of the three side by side.
 pub fn qkv_name(part: &str) -> Option<String> {
-    let layer = QKV.iter().find_map(|suffix| part.strip_suffix(suffix))?;
-    Some(format!("{layer}self_attn.qkv_proj.weight"))
+    Some(format!("{}{QKV}.weight", qkv_layer(part)?))
 }
 
 /// The names of the q, k and v projections of `part`'s layer, if `part` is one of them.
 pub fn qkv_parts(part: &str) -> Option<[String; 3]> {
-    let layer = QKV.iter().find_map(|suffix| part.strip_suffix(suffix))?;
-    Some(QKV.map(|suffix| format!("{layer}{suffix}")))
+    let layer = qkv_layer(part)?;
+    Some(QKV_PARTS.map(|local| format!("{layer}{local}.weight")))
 }
 
 /// An RMSNorm gain (`…layernorm.weight`, `model.norm.weight`).

@@ -31,21 +31,18 @@ fn fuse_qkv(
     weights: &mut BTreeMap<String, Tensor>,
     direct: &mut BTreeMap<String, Tensor>,
 ) -> Result<()> {
-    let fused: Vec<(String, [String; 3])> = direct
+    // One entry per layer (its q, k and v all name it).
+    let fused: BTreeMap<String, [String; 3]> = direct
         .keys()
         .filter_map(|name| Some((qkv_name(name)?, qkv_parts(name)?)))
         .filter(|(_, parts)| parts.iter().all(|p| direct.contains_key(p) && weights.contains_key(p)))
         .collect();
     for (name, parts) in fused {
-        if weights.contains_key(&name) {
-            continue;
-        }
         let Some(acc) = accumulators.get(&name) else {
             continue;
         };
         let copies: Vec<&Tensor> = parts.iter().map(|p| &weights[p]).collect();
-        let copy = Tensor::cat(&copies, 0)?.detach();
-        weights.insert(name.clone(), copy);
+        weights.insert(name.clone(), Tensor::cat(&copies, 0)?.detach());
         direct.insert(name, acc.clone());
     }
     Ok(())
