@@ -36,7 +36,8 @@ pub enum Command {
     /// Train (fine-tune, optionally with Prox-QAT) from a TOML config.
     #[command(after_long_help = "WRITES (in train.out_dir):
   step-NNNNNN/     checkpoint every train.save_every steps and at the end (HF files + optimizer,
-                   quant state, trainer_state.json); `latest` names the newest complete one
+                   quant state, trainer_state.json); `latest` names the newest complete one;
+                   train.keep_last = N keeps only the newest N
   metrics.jsonl    one JSON object per logged step (kind=train: step, loss, lr, grad_norm, lambda, gamma,
                    hit_rate, sat_rate, sens_mean, sens_max, tokens, tokens_per_s, skipped) and per
                    evaluation (kind=eval: step, val_loss_fp, val_loss_q, val_loss_fsq)

@@ -125,6 +125,9 @@ pub struct TrainSection {
     pub log_every: usize,
     /// Save a checkpoint every N steps (0 = only at the end).
     pub save_every: usize,
+    /// Keep only the newest N step checkpoints, deleting older ones once a newer one is whole
+    /// (0 = keep all). A Llama-3.2-1B checkpoint with its optimizer state is ~15 GB.
+    pub keep_last: usize,
     /// Stop after this many consecutive non-finite steps (each is skipped).
     pub max_bad_steps: usize,
 }
@@ -154,6 +157,7 @@ impl Default for TrainSection {
             devices: 1,
             log_every: 10,
             save_every: 0,
+            keep_last: 0,
             max_bad_steps: 5,
         }
     }

@@ -300,3 +300,49 @@ fn nan_guard_skips_then_stops_with_the_last_checkpoint_intact() {
     ));
     assert!(ev["val_loss"].is_number());
 }
+
+#[test]
+fn keep_last_deletes_older_checkpoints_and_the_run_still_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model_dir(&model, 6);
+    let cfg = tiny_config(tmp.path(), &model, "");
+    let train = |sets: &[&str], extra: &[&str]| {
+        let mut args = vec!["train", "--config", cfg.to_str().unwrap()];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        args.extend(extra);
+        run_bin(&args, tmp.path())
+    };
+    let sets = [
+        "train.save_every=1",
+        "train.keep_last=2",
+        "eval.initial=false",
+        "eval.final=false",
+    ];
+    let out = train(&[&sets[..], &["train.max_steps=5"]].concat(), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = tmp.path().join("run");
+    let steps = |run: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(run)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("step-"))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(steps(&run), ["step-000004", "step-000005"]);
+    assert_eq!(std::fs::read_to_string(run.join("latest")).unwrap(), "step-000005");
+    // The kept newest checkpoint resumes: two more steps, and again only the newest two remain.
+    let out = train(&[&sets[..], &["train.max_steps=7"]].concat(), &["--resume"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(steps(&run), ["step-000006", "step-000007"]);
+    let trained: Vec<u64> = common::metrics(&run)
+        .iter()
+        .filter(|l| l["kind"] == "train")
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(trained, [1, 2, 3, 4, 5, 6, 7], "the resumed run continues at step 6");
+}

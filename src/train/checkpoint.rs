@@ -105,11 +105,39 @@ pub fn write(dir: &Path, overwrite: bool, model: &LoadedModel, parts: SaveParts)
     })
 }
 
-/// Write `out_dir/step-NNNNNN`, then move `out_dir/latest` to it.
-pub fn save(out_dir: &Path, model: &LoadedModel, parts: SaveParts) -> Result<PathBuf> {
+/// Write `out_dir/step-NNNNNN`, then move `out_dir/latest` to it; then, with `keep_last` > 0, delete
+/// the step checkpoints older than it beyond the newest `keep_last − 1` (only once `latest` names the
+/// whole new one, so a crash at any point leaves a loadable checkpoint; later steps, left by a run
+/// resumed from an earlier checkpoint, are not touched).
+pub fn save(out_dir: &Path, model: &LoadedModel, parts: SaveParts, keep_last: usize) -> Result<PathBuf> {
     let name = format!("step-{:06}", parts.state.step);
     let dir = out_dir.join(&name);
     write(&dir, true, model, parts)?;
     fsutil::write_atomic(&out_dir.join("latest"), name.as_bytes())?;
+    if keep_last > 0 {
+        let mut older: Vec<String> = step_checkpoints(out_dir)?.into_iter().filter(|n| *n < name).collect();
+        older.sort();
+        let excess = older.len().saturating_sub(keep_last - 1);
+        for old in &older[..excess] {
+            std::fs::remove_dir_all(out_dir.join(old))
+                .with_context(|| format!("deleting old checkpoint {}", out_dir.join(old).display()))?;
+        }
+    }
     Ok(dir)
+}
+
+/// Names of the `step-NNNNNN` checkpoint directories in a run directory.
+fn step_checkpoints(out_dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(out_dir).with_context(|| format!("listing {}", out_dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_step = name
+            .strip_prefix("step-")
+            .is_some_and(|n| n.len() == 6 && n.bytes().all(|b| b.is_ascii_digit()));
+        if is_step && entry.file_type()?.is_dir() {
+            names.push(name);
+        }
+    }
+    Ok(names)
 }

@@ -354,6 +354,7 @@ impl Trainer {
                 optimizer,
                 quant,
             },
+            self.cfg.train.keep_last,
         )
     }
 
