@@ -38,14 +38,19 @@ for g in grids:
             f"{fmt(gap, '{:.0%}')} | {r['text_ppl_hard']:.3f} | {fmt(r['hit_rate'], '{:.3f}')} | "
             f"{fmt(r['sat_rate'], '{:.3f}')} | {r['wall_s']:.0f} |"
         )
+rtn_best = None  # the best-checkpoint table's RTN
 if "best_val" in fp:
     # Best checkpoint by validation loss (evaluated every EVAL_EVERY steps): RTN is the fp run's best
     # checkpoint rounded, so an fp run that overfits late does not flatter the QAT rows.
-    rtn_best = fp["best_val_q"]
+    rtn_best, rtn_what = fp["best_val_q"], "RTN of it"
+    teacher_rtn = f"{out}/runs/teacher-rtn-val.json"  # w432.sh with KD_TEACHER_STEPS: fresh scales
+    if os.path.exists(teacher_rtn):
+        rtn_best = json.load(open(teacher_rtn))["val_loss"]
+        rtn_what = "RTN (the teacher rounded, scales fresh from its weights)"
     lines += [
         "",
         f"Best checkpoint by validation loss: fp {fp['best_val']:.4f} at step {fp['best_step']}, "
-        f"RTN of it {rtn_best:.4f}",
+        f"{rtn_what} {rtn_best:.4f}",
         "",
         f"| grid ({fp_grid} only) | method | best step | val loss hardened | ×fp | RTN gap recovered |",
         "|---|---|---|---|---|---|",
@@ -59,5 +64,5 @@ if "best_val" in fp:
             f"| {r['grid']} | {r['method']} | {r['best_step']} | {r['best_val']:.4f} | "
             f"{r['best_val'] / fp['best_val']:.3f} | {gap:.0%} |"
         )
-json.dump({"fp": fp, "fp_text_ppl": fp_text, "rows": rows}, open(f"{out}/results.json", "w"), indent=1)
+json.dump({"fp": fp, "fp_text_ppl": fp_text, "rtn_best": rtn_best, "rows": rows}, open(f"{out}/results.json", "w"), indent=1)
 print("\n".join(lines))

@@ -14,12 +14,15 @@
 #        +warm: the run starts from the teacher's weights instead of the pretrained model's (two stages:
 #        its steps come on top of the teacher's); +syn: the training split also holds the teacher's own
 #        responses to its instructions, SYNTH_SAMPLES (4) per record at temperature SYNTH_T (1.0),
-#        sampled once by `proxqat synth` after the teacher run)
+#        sampled once by `proxqat synth` after the teacher run; +sN: this run trains N steps instead of
+#        STEPS)
 #        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
 #        GRID_RULE (absmax: how every grid's scales start, RTN's included; mse: least rounding error)
 #        LR (5e-5: the QAT runs' peak learning rate, min LR/10; the fp runs keep 5e-5)
 #        EVAL_EVERY (0: final only; N: a validation curve, and summarize.py adds a best-checkpoint table)
-# Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table.
+#        SAVE_EVERY (0: a checkpoint at the end only; N: every N steps too)
+# Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table. A run cut
+# short (e.g. by the device's 10-minute limit) resumes from its last checkpoint when called again.
 set -euo pipefail
 bin=$(realpath "$1"); gguf=$(realpath "$2"); data=$(realpath "$3"); out=$4
 steps=${STEPS:-50}; mb=${MB:-4}; gb=${GB:-16}; val=${VAL:-100}; jobs=${JOBS:-6}; device=${DEVICE:-auto}
@@ -52,6 +55,7 @@ method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; 
   [[ $m =~ \+kd[0-9.]* ]] && m=${m/${BASH_REMATCH[0]}/}
   m=${m/+warm/}
   m=${m/+syn/}
+  [[ $m =~ \+s[0-9]+ ]] && m=${m/${BASH_REMATCH[0]}/}
   if [[ $m == *+ls* ]]; then # at M × the weights' lr (M from SCALE_LR_MULT, 1.0, when not given)
     local mult=${m#*+ls}
     printf 'scale_lr_mult = %s\n' "${mult:-${SCALE_LR_MULT:-1.0}}"
@@ -76,7 +80,8 @@ distill_toml() { # +kdA: the fp fine-tune is the teacher, at weight A
   printf '[distill]\nteacher = "%s"\nweight = %s\ntemperature = %s\n' "$out/runs/$teacher" "${BASH_REMATCH[1]:-1.0}" "${KD_T:-1.0}"
 }
 write_cfg() { # NAME GRID METHOD [STEPS]
-  local model=$gguf lr=5e-5
+  local model=$gguf lr=5e-5 run_steps=${4:-$steps}
+  [[ $3 =~ \+s([0-9]+) ]] && run_steps=${BASH_REMATCH[1]}
   [[ $1 == *-* ]] && lr=${LR:-5e-5} # QAT rows (GRID-METHOD); the fp runs keep 5e-5
   [[ $3 == *+warm* ]] && model=$out/runs/$teacher
   cat > "$out/cfg/$1.toml" <<TOML
@@ -91,12 +96,14 @@ $([[ $3 == *+syn* ]] && printf 'extra_train = ["%s"]' "$out/synth.json" || true)
 out_dir = "$out/runs/$1"
 micro_batch = $mb
 global_batch = $gb
-max_steps = ${4:-$steps}
+max_steps = $run_steps
 lr = $lr
 min_lr = $(python3 -c "print($lr / 10)")
 warmup_steps = 5
 log_every = 5
 seed = 1337
+save_every = ${SAVE_EVERY:-0}
+keep_last = 1
 device = "$device"
 [eval]
 every = ${EVAL_EVERY:-0}
@@ -116,20 +123,23 @@ $(distill_toml "$3")
 TOML
 }
 
-# One QAT (or fp) run: train, harden --all, evaluate the hardened model; one JSON row.
+# One QAT (or fp) run: train (or resume one cut short), harden --all, evaluate the hardened model;
+# one JSON row. The wall time sums the run's training calls (OUT/runs/NAME.wall).
 run_one() {
-  local name=$1 grid=${1%%-*} method=${1#*-}
+  local name=$1 grid=${1%%-*} method=${1#*-} start=--overwrite
   [ -s "$out/rows/$name.json" ] && return 0
+  [ -e "$out/runs/$name/latest" ] && start=--resume
   local t0=$(date +%s.%N)
-  if ! $bin train --config "$out/cfg/$name.toml" --overwrite > "$out/runs/$name.log" 2>&1; then
-    echo "$name: training failed; the end of $out/runs/$name.log:"; grep -v '^ *[0-9]*: \|^$\|at ' "$out/runs/$name.log" | tail -4
+  if ! $bin train --config "$out/cfg/$name.toml" $start >> "$out/runs/$name.log" 2>&1; then
+    echo "$name: training failed or was cut; the end of $out/runs/$name.log:"; grep -v '^ *[0-9]*: \|^$\|at ' "$out/runs/$name.log" | tail -4
+    python3 -c "print($(date +%s.%N) - $t0)" >> "$out/runs/$name.wall"
     return 0
   fi
-  local t1=$(date +%s.%N)
+  python3 -c "print($(date +%s.%N) - $t0)" >> "$out/runs/$name.wall"
   $bin harden --ckpt "$out/runs/$name" --all --out "$out/runs/$name-hard" --overwrite --json > "$out/runs/$name-harden.json"
   $bin eval --ckpt "$out/runs/$name-hard" --json > "$out/runs/$name-val.json"
   $bin eval --ckpt "$out/runs/$name-hard" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/$name-text.json"
-  python3 "$here/row.py" "$name" "$grid" "$method" "$out/runs/$name" "$(python3 -c "print($t1 - $t0)")" > "$out/rows/$name.json"
+  python3 "$here/row.py" "$name" "$grid" "$method" "$out/runs/$name" "$(awk '{s += $1} END {print s}' "$out/runs/$name.wall")" > "$out/rows/$name.json"
 }
 export -f run_one; export bin out here
 
@@ -157,6 +167,12 @@ for g in $grids; do
   $bin eval --ckpt "$out/runs/$g-rtn-hard" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/$g-rtn-text.json"
   python3 "$here/row.py" "$g-rtn" "$g" rtn "$out/runs/fp" 0 > "$out/rows/$g-rtn.json"
 done
+# With a separate teacher, RTN as §10 of RESULTS.md measures it: the teacher (≈ fp's best checkpoint)
+# rounded with scales fresh from its own weights; summarize.py's best-checkpoint table then uses it.
+if [ "$teacher" = teacher ] && [ ! -s "$out/runs/teacher-rtn-val.json" ]; then
+  $bin ptq --ckpt "$out/runs/teacher" --config "$out/cfg/$fp_grid-rtn.toml" --out "$out/runs/teacher-rtn-hard" --overwrite --json > "$out/runs/teacher-rtn-harden.json"
+  $bin eval --ckpt "$out/runs/teacher-rtn-hard" --json > "$out/runs/teacher-rtn-val.json"
+fi
 [ -s "$out/runs/fp-text-fp.json" ] || $bin eval --ckpt "$out/runs/fp" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/fp-text-fp.json"
 python3 "$here/summarize.py" "$out" "$fp_grid" | tee "$out/table.md"
 
