@@ -124,22 +124,25 @@ TOML
 }
 
 # One QAT (or fp) run: train (or resume one cut short), harden --all, evaluate the hardened model;
-# one JSON row. The wall time sums the run's training calls (OUT/runs/NAME.wall).
+# one JSON row. The wall time sums the run's training calls (OUT/runs/NAME.wall); a call killed by a
+# time limit leaves NAME.wall.open (its start), and its time is counted up to the log's last write.
 run_one() {
-  local name=$1 grid=${1%%-*} method=${1#*-} start=--overwrite
+  local name=$1 grid=${1%%-*} method=${1#*-} start=--overwrite wall=$out/runs/$1.wall
   [ -s "$out/rows/$name.json" ] && return 0
   [ -e "$out/runs/$name/latest" ] && start=--resume
+  [ -e "$wall.open" ] && python3 -c "import os; print(os.path.getmtime('$out/runs/$name.log') - $(cat "$wall.open"))" >> "$wall"
+  [ $start = --overwrite ] && rm -f "$wall" # starting over: the time of earlier calls is not this run's
   local t0=$(date +%s.%N)
+  echo "$t0" > "$wall.open"
   if ! $bin train --config "$out/cfg/$name.toml" $start >> "$out/runs/$name.log" 2>&1; then
     echo "$name: training failed or was cut; the end of $out/runs/$name.log:"; grep -v '^ *[0-9]*: \|^$\|at ' "$out/runs/$name.log" | tail -4
-    python3 -c "print($(date +%s.%N) - $t0)" >> "$out/runs/$name.wall"
     return 0
   fi
-  python3 -c "print($(date +%s.%N) - $t0)" >> "$out/runs/$name.wall"
+  python3 -c "print($(date +%s.%N) - $t0)" >> "$wall" && rm "$wall.open"
   $bin harden --ckpt "$out/runs/$name" --all --out "$out/runs/$name-hard" --overwrite --json > "$out/runs/$name-harden.json"
   $bin eval --ckpt "$out/runs/$name-hard" --json > "$out/runs/$name-val.json"
   $bin eval --ckpt "$out/runs/$name-hard" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/$name-text.json"
-  python3 "$here/row.py" "$name" "$grid" "$method" "$out/runs/$name" "$(awk '{s += $1} END {print s}' "$out/runs/$name.wall")" > "$out/rows/$name.json"
+  python3 "$here/row.py" "$name" "$grid" "$method" "$out/runs/$name" "$(awk '{s += $1} END {print s}' "$wall")" > "$out/rows/$name.json"
 }
 export -f run_one; export bin out here
 

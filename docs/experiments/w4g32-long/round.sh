@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Session 17: does the W4 g32 student keep improving past 600 steps? §12's best setting (distillation
+# at temperature 2 from the 100-step fp fine-tune, its own samples as extra data, mse scales, learned
+# scales, lr 2e-4, from the teacher's weights) at 1200 steps (§12: 600), Prox-QAT and STE + learned
+# scales; micro-batch 16 (one micro-step per step of global batch 16: fewer launches, same batch).
+# Call 1 (`bash docs/experiments/w4g32-long/round.sh stage`) copies .carry/{proxqat.xz, smol.a,
+# alpaca_en_demo.json} to /tmp/pq; call 2 (carry .carry2 = smol.b) joins the GGUF, checks its sha256 and
+# runs the round; a call cut by the 10-minute limit is continued by calling again (runs resume from
+# their checkpoints, every 300 steps). Results: $OUT/round.tgz (no checkpoints), $OUT/log.txt.
+set -o pipefail
+cd "$(dirname "$0")/../../.."
+d=/tmp/pq
+mkdir -p $d
+if [ "${1:-}" = stage ]; then cp .carry/* $d/ && ls -la $d; exit; fi
+source scripts/device-env.sh
+nvidia-smi --query-gpu=name,power.limit --format=csv,noheader | tee -a $OUT/log.txt
+if [ ! -x $d/proxqat ]; then
+  cat $d/smol.a .carry2/smol.b > $d/smol.gguf
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $d/smol.gguf" | sha256sum -c || exit 1
+  xz -dc $d/proxqat.xz > $d/proxqat && chmod +x $d/proxqat
+fi
+KD_T=2 GRID_RULE=mse STEPS=300 EVAL_EVERY=50 SAVE_EVERY=300 KD_TEACHER_STEPS=100 LR=2e-4 MB=16 JOBS=4 GRIDS=w4g32 \
+  METHODS=${METHODS:-"prox-prox-q+kd+ls+warm+syn+s1200@2000 ste+kd+ls+warm+syn+s1200"} \
+  timeout -k 5 ${LIMIT:-530} scripts/experiments/w432.sh $d/proxqat $d/smol.gguf $d/alpaca_en_demo.json $d/out 2>&1 | tee -a $OUT/log.txt
+for r in $d/out/runs/*.metrics.jsonl $d/out/runs/*/metrics.jsonl; do [ -e "$r" ] && tail -n 1 "$r" | cut -c1-160; done
+(cd $d/out && tar czf $OUT/round.tgz --exclude='step-*' --exclude='*-hard' --exclude=train.json --exclude=synth.json .)
