@@ -345,4 +345,14 @@ fn keep_last_deletes_older_checkpoints_and_the_run_still_resumes() {
         .map(|l| l["step"].as_u64().unwrap())
         .collect();
     assert_eq!(trained, [1, 2, 3, 4, 5, 6, 7], "the resumed run continues at step 6");
+    // Resumed from the older of the two and saved there again: the later step-000007 (another
+    // branch of the run) is left alone, and keep_last = 1 deletes nothing older than the new one.
+    let older = run.join("step-000006");
+    let out = train(
+        &[&sets[..], &["train.max_steps=6", "train.keep_last=1"]].concat(),
+        &["--resume", older.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(steps(&run), ["step-000006", "step-000007"]);
+    assert_eq!(std::fs::read_to_string(run.join("latest")).unwrap(), "step-000006");
 }
