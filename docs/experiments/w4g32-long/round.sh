@@ -7,6 +7,11 @@
 # alpaca_en_demo.json} to /tmp/pq; call 2 (carry .carry2 = smol.b) joins the GGUF, checks its sha256 and
 # runs the round; a call cut by the 10-minute limit is continued by calling again (runs resume from
 # their checkpoints, every 300 steps). Results: $OUT/round.tgz (no checkpoints), $OUT/log.txt.
+# Preparing here (.carry and .carry2 git-ignored; the two halves fit the 64 MiB a call carries):
+#   xz -c target/cuda/release/proxqat > .carry/proxqat.xz; cp assets/alpaca_en_demo.json .carry/
+#   head -c 49181216 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry/smol.a
+#   tail -c +49181217 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry2/smol.b
+# env: METHODS (the two 1200-step runs), LIMIT (530 s for the round in one call)
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
