@@ -44,10 +44,16 @@ pub fn register_view(view: &Tensor, whole: &Tensor) {
 /// the writer `can_overwrite` it (it then writes every element instead of adding); otherwise `acc`'s
 /// storage is zero-filled first if it was unwritten, and the writer adds.
 pub fn before_write(acc: &Tensor, can_overwrite: bool) -> Result<bool> {
-    let Some(whole) = UNWRITTEN.with(|u| u.borrow().get(&acc.id()).cloned()) else {
+    // The first write into any view of `whole` ends the unwritten state of all of them.
+    let whole = UNWRITTEN.with(|u| {
+        let mut u = u.borrow_mut();
+        let whole = u.get(&acc.id()).cloned()?;
+        u.retain(|_, w| w.id() != whole.id());
+        Some(whole)
+    });
+    let Some(whole) = whole else {
         return Ok(false);
     };
-    UNWRITTEN.with(|u| u.borrow_mut().retain(|_, w| w.id() != whole.id()));
     if can_overwrite && whole.id() == acc.id() {
         return Ok(true);
     }

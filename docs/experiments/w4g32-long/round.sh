@@ -27,5 +27,5 @@ fi
 KD_T=2 GRID_RULE=mse STEPS=300 EVAL_EVERY=50 SAVE_EVERY=300 KD_TEACHER_STEPS=100 LR=2e-4 MB=16 JOBS=4 GRIDS=w4g32 \
   METHODS=${METHODS:-"prox-prox-q+kd+ls+warm+syn+s1200@2000 ste+kd+ls+warm+syn+s1200"} \
   timeout -k 5 ${LIMIT:-530} scripts/experiments/w432.sh $d/proxqat $d/smol.gguf $d/alpaca_en_demo.json $d/out 2>&1 | tee -a $OUT/log.txt
-for r in $d/out/runs/*.metrics.jsonl $d/out/runs/*/metrics.jsonl; do [ -e "$r" ] && tail -n 1 "$r" | cut -c1-160; done
+for r in $d/out/runs/*/metrics.jsonl; do [ -e "$r" ] && echo "$r: $(tail -n 1 "$r" | cut -c1-160)"; done
 (cd $d/out && tar czf $OUT/round.tgz --exclude='step-*' --exclude='*-hard' --exclude=train.json --exclude=synth.json .)
