@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 17: does the W4 g32 student keep improving past 600 steps? §12's best setting (distillation
+# RESULTS.md §13: does the W4 g32 student keep improving past 600 steps? §12's best setting (distillation
 # at temperature 2 from the 100-step fp fine-tune, its own samples as extra data, mse scales, learned
 # scales, lr 2e-4, from the teacher's weights) at 1200 steps (§12: 600), Prox-QAT and STE + learned
 # scales; micro-batch 16 (one micro-step per step of global batch 16: fewer launches, same batch).
@@ -12,6 +12,11 @@
 #   head -c 49181216 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry/smol.a
 #   tail -c +49181217 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry2/smol.b
 # env: METHODS (the two 1200-step runs), LIMIT (530 s for the round in one call)
+# Run 2026-12-07 on an H100 (binary of cb65007): the default, then
+#   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@2000 ste+kd+ls+warm+syn+s2400" (same /tmp/pq/out).
+# Next (not run): can Prox-QAT's codes move at 2400 steps — a weak pull, and the γ controller below
+# its hit-rate target (`+ramp`):
+#   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100 prox-prox-q+ramp+kd+ls+warm+syn+s2400@2000"
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
