@@ -335,10 +335,18 @@ fn keep_last_deletes_older_checkpoints_and_the_run_still_resumes() {
     };
     assert_eq!(steps(&run), ["step-000004", "step-000005"]);
     assert_eq!(std::fs::read_to_string(run.join("latest")).unwrap(), "step-000005");
-    // The kept newest checkpoint resumes: two more steps, and again only the newest two remain.
+    // A save killed mid-write leaves its temporary directory (named for the dead process).
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    let partial = run.join(format!(".step-000006.tmp-{}", child.id()));
+    std::fs::create_dir(&partial).unwrap();
+    std::fs::write(partial.join("model.safetensors"), b"cut short").unwrap();
+    // The kept newest checkpoint resumes: two more steps, and again only the newest two remain;
+    // the killed save's leftover is gone.
     let out = train(&[&sets[..], &["train.max_steps=7"]].concat(), &["--resume"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(steps(&run), ["step-000006", "step-000007"]);
+    assert!(!partial.exists(), "the partial checkpoint of a killed run is deleted");
     let trained: Vec<u64> = common::metrics(&run)
         .iter()
         .filter(|l| l["kind"] == "train")

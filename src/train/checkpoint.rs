@@ -108,7 +108,8 @@ pub fn write(dir: &Path, overwrite: bool, model: &LoadedModel, parts: SaveParts)
 /// Write `out_dir/step-NNNNNN`, then move `out_dir/latest` to it; then, with `keep_last` > 0, delete
 /// the step checkpoints older than it beyond the newest `keep_last − 1` (only once `latest` names the
 /// whole new one, so a crash at any point leaves a loadable checkpoint; later steps, left by a run
-/// resumed from an earlier checkpoint, are not touched).
+/// resumed from an earlier checkpoint, are not touched). Partial checkpoints that a killed run left
+/// under temporary names are deleted too.
 pub fn save(out_dir: &Path, model: &LoadedModel, parts: SaveParts, keep_last: usize) -> Result<PathBuf> {
     let name = format!("step-{:06}", parts.state.step);
     let dir = out_dir.join(&name);
@@ -122,6 +123,9 @@ pub fn save(out_dir: &Path, model: &LoadedModel, parts: SaveParts, keep_last: us
             std::fs::remove_dir_all(out_dir.join(old))
                 .with_context(|| format!("deleting old checkpoint {}", out_dir.join(old).display()))?;
         }
+    }
+    for partial in fsutil::remove_stale_temps(out_dir)? {
+        tracing::warn!(path = %partial.display(), "deleted a partial checkpoint left by a killed run");
     }
     Ok(dir)
 }
