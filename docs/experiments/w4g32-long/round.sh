@@ -14,9 +14,11 @@
 # env: METHODS (the two 1200-step runs), LIMIT (530 s for the round in one call)
 # Run 2026-12-07 on an H100 (binary of cb65007): the default, then
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@2000 ste+kd+ls+warm+syn+s2400" (same /tmp/pq/out).
-# Next (not run): can Prox-QAT's codes move at 2400 steps — a weak pull, and the γ controller below
-# its hit-rate target (`+ramp`):
-#   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100 prox-prox-q+ramp+kd+ls+warm+syn+s2400@2000"
+# Run 2026-12-07 on an H100 (binary of cb65007), RESULTS.md §14, on a fresh machine in three calls
+# (the first two cut at the limit):
+#   METHODS="prox-prox-q+kd+ls+warm+syn+s4800@100 prox-prox-q+kd+ls+warm+syn+s4800@400 ste+kd+ls+warm+syn+s4800" LIMIT=570
+# Next (not run): the weak pull at 2400 steps, where STE peaked:
+#   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100 ste+kd+ls+warm+syn+s2400"
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
@@ -33,4 +35,5 @@ KD_T=2 GRID_RULE=mse STEPS=300 EVAL_EVERY=50 SAVE_EVERY=300 KD_TEACHER_STEPS=100
   METHODS=${METHODS:-"prox-prox-q+kd+ls+warm+syn+s1200@2000 ste+kd+ls+warm+syn+s1200"} \
   timeout -k 5 ${LIMIT:-530} scripts/experiments/w432.sh $d/proxqat $d/smol.gguf $d/alpaca_en_demo.json $d/out 2>&1 | tee -a $OUT/log.txt
 for r in $d/out/runs/*/metrics.jsonl; do [ -e "$r" ] && echo "$r: $(tail -n 1 "$r" | cut -c1-160)"; done
-(cd $d/out && tar czf $OUT/round.tgz --exclude='step-*' --exclude='*-hard' --exclude=train.json --exclude=synth.json .)
+# Checkpoints (and the partial ones of a cut call, hidden .NAME.tmp-PID) stay on the machine.
+(cd $d/out && tar czf $OUT/round.tgz --exclude='step-*' --exclude='.*.tmp-*' --exclude='*-hard' --exclude=train.json --exclude=synth.json .)
