@@ -23,10 +23,11 @@ fn sibling(path: &Path, kind: &str) -> PathBuf {
 fn temp_owner(name: &str) -> Option<u32> {
     let rest = name.strip_prefix('.')?;
     let (_, pid) = rest.rsplit_once(".tmp-").or_else(|| rest.rsplit_once(".old-"))?;
-    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    pid.parse().ok()
+    // Digits only: `parse` alone would take "+12"; an empty id fails to parse.
+    pid.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| pid.parse().ok())
+        .flatten()
 }
 
 /// Delete the temporaries in `dir` that a writer killed mid-write left behind (a killed checkpoint

@@ -35,5 +35,5 @@ KD_T=2 GRID_RULE=mse STEPS=300 EVAL_EVERY=50 SAVE_EVERY=300 KD_TEACHER_STEPS=100
   METHODS=${METHODS:-"prox-prox-q+kd+ls+warm+syn+s1200@2000 ste+kd+ls+warm+syn+s1200"} \
   timeout -k 5 ${LIMIT:-530} scripts/experiments/w432.sh $d/proxqat $d/smol.gguf $d/alpaca_en_demo.json $d/out 2>&1 | tee -a $OUT/log.txt
 for r in $d/out/runs/*/metrics.jsonl; do [ -e "$r" ] && echo "$r: $(tail -n 1 "$r" | cut -c1-160)"; done
-# Checkpoints (and the partial ones of a cut call, hidden .NAME.tmp-PID) stay on the machine.
-(cd $d/out && tar czf $OUT/round.tgz --exclude='step-*' --exclude='.*.tmp-*' --exclude='*-hard' --exclude=train.json --exclude=synth.json .)
+# Checkpoints (and the partial ones of a cut call, hidden .NAME.tmp-PID / .old-PID) stay on the machine.
+(cd $d/out && tar czf $OUT/round.tgz --exclude='step-*' --exclude='.*.tmp-*' --exclude='.*.old-*' --exclude='*-hard' --exclude=train.json --exclude=synth.json .)
