@@ -187,7 +187,7 @@ pub fn parity(cuda: &Device) -> Result<bool> {
                 randn(&[2, 2, 12, 16], 6, 1.0)?,
                 randn(&[2, 2, 12, 16], 7, 1.0)?,
             ],
-            Box::new(move |x| Ok(ops::causal_attention(&x[0], &x[1], &x[2], &on(&mask, &x[0])?)?)),
+            Box::new(move |x| Ok(ops::attention(&x[0], &x[1], &x[2], &on(&mask, &x[0])?)?)),
         ),
         (
             "swiglu",

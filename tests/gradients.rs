@@ -108,13 +108,13 @@ fn causal_attention_matches_finite_differences() {
     let k = randn(&[1, 2, 5, 6], 9, 1.0);
     let v = randn(&[1, 2, 5, 6], 10, 1.0);
     check("attention dq", &q, 40, |q| {
-        probe(&ops::causal_attention(q, &k, &v, &mask).unwrap(), 11)
+        probe(&ops::attention(q, &k, &v, &mask).unwrap(), 11)
     });
     check("attention dk", &k, 40, |k| {
-        probe(&ops::causal_attention(&q, k, &v, &mask).unwrap(), 11)
+        probe(&ops::attention(&q, k, &v, &mask).unwrap(), 11)
     });
     check("attention dv", &v, 40, |v| {
-        probe(&ops::causal_attention(&q, &k, v, &mask).unwrap(), 11)
+        probe(&ops::attention(&q, &k, v, &mask).unwrap(), 11)
     });
 }
 
@@ -125,9 +125,7 @@ fn causal_attention_equals_explicit_gqa_reference() {
     let q = randn(&[1, 4, t, d], 12, 1.0);
     let k = randn(&[1, 2, t, d], 13, 1.0);
     let v = randn(&[1, 2, t, d], 14, 1.0);
-    let out = to_vec_f64(
-        &ops::causal_attention(&q, &k, &v, &ops::causal_mask(t, DType::F64, &Device::Cpu).unwrap()).unwrap(),
-    );
+    let out = to_vec_f64(&ops::attention(&q, &k, &v, &ops::causal_mask(t, DType::F64, &Device::Cpu).unwrap()).unwrap());
     let (qv, kv, vv) = (to_vec_f64(&q), to_vec_f64(&k), to_vec_f64(&v));
     for h in 0..4 {
         let g = h / 2; // heads 0,1 share KV head 0 (HF repeat_kv order)
@@ -358,7 +356,7 @@ fn fused_attention_matches_finite_differences_and_reference() {
     check("fused attention dq", &q, 60, |q| probe(&fused(q, &k, &v), 11));
     check("fused attention dk", &k, 60, |k| probe(&fused(&q, k, &v), 11));
     check("fused attention dv", &v, 60, |v| probe(&fused(&q, &k, v), 11));
-    let expect = ops::causal_attention(&q, &k, &v, &mask).unwrap();
+    let expect = ops::attention(&q, &k, &v, &mask).unwrap();
     assert!(max_diff(&fused(&q, &k, &v), &expect) < 1e-12);
     // Above the diagonal the probabilities are exactly zero.
     let p = to_vec_f64(&fused::softmax::causal_softmax(&randn(&[2, 5, 5], 3, 4.0), 0.5, DType::F64).unwrap());
@@ -378,7 +376,7 @@ fn flash_attention_matches_the_reference_its_log_sum_exp_and_finite_differences(
     let (o, lse) = fused::flash::forward(&q, &k, &v).unwrap();
     let mask = ops::causal_mask(t, DType::F64, &Device::Cpu).unwrap();
     let v_heads = v.transpose(1, 2).unwrap().contiguous().unwrap();
-    let expect = ops::causal_attention(&q, &k, &v_heads, &mask).unwrap();
+    let expect = ops::attention(&q, &k, &v_heads, &mask).unwrap();
     assert!(max_diff(&o, &expect.transpose(1, 2).unwrap().contiguous().unwrap()) < 1e-12);
     // lse = log Σ_{j ≤ i} exp(q_i · k_j / √d), recomputed entry by entry.
     let (qv, kv_, lv) = (to_vec_f64(&q), to_vec_f64(&k), to_vec_f64(&lse));

@@ -179,6 +179,37 @@ impl Block {
     pub fn forward(&self, x: &Tensor, layer: &LayerWeights) -> Result<Tensor> {
         // The composition of the fused (or reference) ops, through autograd; the training step's fused
         // blocks run as one node instead (`fused::block::decoder_stack`, from `Llama::hidden_into`).
+        let [q, k, v] = self.queries_keys_values(x, layer)?;
+        let att = if self.fused {
+            fused::softmax::causal_attention(&q, &k, &v)?
+        } else {
+            ops::attention(&q, &k, &v, &self.mask)?
+        };
+        self.mlp_residual(&self.attention_residual(x, &att, layer)?, layer)
+    }
+
+    /// The block's output for `x: (B, t, d)`, the t positions after the `L` whose keys and values
+    /// `cache` holds (`(B, KV, L, D)` each; none before the first call), which then holds theirs too.
+    /// `self.cos`/`self.sin` are the t new positions' RoPE tables and `self.mask` is additive,
+    /// broadcastable to `(B, 1, 1, t, L + t)` (`model::decode`). Inference only: no accumulators.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        layer: &LayerWeights,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let [q, k, v] = self.queries_keys_values(x, layer)?;
+        let (k, v) = match cache.take() {
+            Some((k0, v0)) => (Tensor::cat(&[&k0, &k], 2)?, Tensor::cat(&[&v0, &v], 2)?),
+            None => (k, v),
+        };
+        let att = ops::attention(&q, &k, &v, &self.mask)?;
+        *cache = Some((k, v));
+        self.mlp_residual(&self.attention_residual(x, &att, layer)?, layer)
+    }
+
+    /// The heads of `norm(x)`'s q (RoPE applied), k (RoPE applied) and v, `(B, heads, T, D)` each.
+    fn queries_keys_values(&self, x: &Tensor, layer: &LayerWeights) -> Result<[Tensor; 3]> {
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
@@ -187,18 +218,29 @@ impl Block {
         let split_heads =
             |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
         let v = split_heads(proj("v_proj")?, kv)?;
-        let att = if self.fused {
+        Ok(if self.fused {
             let q = fused::rope::rope(&proj("q_proj")?, &self.cos, &self.sin, h)?;
             let k = fused::rope::rope(&proj("k_proj")?, &self.cos, &self.sin, kv)?;
-            fused::softmax::causal_attention(&q, &k, &v)?
+            [q, k, v]
         } else {
             let q = ops::rope(&split_heads(proj("q_proj")?, h)?, &self.cos, &self.sin)?;
             let k = ops::rope(&split_heads(proj("k_proj")?, kv)?, &self.cos, &self.sin)?;
-            ops::causal_attention(&q, &k, &v, &self.mask)?
-        };
-        let att = att.transpose(1, 2)?.reshape((b, t, h * hd))?;
-        let x = (x + self.linear(&att, layer, "self_attn.o_proj")?.to_dtype(x.dtype())?)?;
-        let m = self.norm(&x, layer.get(GAINS[1])?)?;
+            [q, k, v]
+        })
+    }
+
+    /// `x + o_proj(att)` for the heads' outputs `att: (B, H, T, D)`.
+    fn attention_residual(&self, x: &Tensor, att: &Tensor, layer: &LayerWeights) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let att = att
+            .transpose(1, 2)?
+            .reshape((b, t, self.cfg.num_attention_heads * self.cfg.head_dim))?;
+        Ok((x + self.linear(&att, layer, "self_attn.o_proj")?.to_dtype(x.dtype())?)?)
+    }
+
+    /// `x + mlp(norm(x))`.
+    fn mlp_residual(&self, x: &Tensor, layer: &LayerWeights) -> Result<Tensor> {
+        let m = self.norm(x, layer.get(GAINS[1])?)?;
         let locals = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
         let out = match locals.map(|n| layer.accumulator(n)) {
             // One node with its own backward when every projection accumulates in place.
@@ -216,6 +258,6 @@ impl Block {
                 self.linear(&act, layer, locals[2])?
             }
         };
-        Ok((&x + out.to_dtype(x.dtype())?)?)
+        Ok((x + out.to_dtype(x.dtype())?)?)
     }
 }

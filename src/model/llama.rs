@@ -5,7 +5,7 @@
 //! Prox-QAT (forward at q(x), selective, STE) come in without copying the model.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Shape, Tensor, Var, D};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use std::collections::BTreeMap;
 
 use super::block::{get, Block, LayerWeights, QKV, QKV_PARTS};
@@ -323,7 +323,7 @@ impl Llama {
     }
 
     /// `hidden · headᵀ` in the compute dtype.
-    fn project(
+    pub(super) fn project(
         &self,
         w: &BTreeMap<String, Tensor>,
         grads_into: &BTreeMap<String, Tensor>,
@@ -413,95 +413,4 @@ impl Llama {
             Kernels::Reference => ops::distill_kl(student, teacher, targets, temperature)?,
         })
     }
-
-    /// Continuations of `prompts`, each until a `stop` token (not included) or until row r holds
-    /// `max_lens[r]` tokens (prompt included), drawn in one batch from the model's next-token
-    /// distribution at `temperature` (0: greedy).
-    ///
-    /// No KV cache: each step runs the live rows again, right-padded, and reads each row at its own
-    /// last position — causal attention leaves a row's positions before its padding as they would be
-    /// alone. Rows leave the batch when they stop. The draws come from `rng` on the host, so a seed
-    /// gives the same samples on every device (up to the logits' rounding).
-    pub fn sample(
-        &self,
-        w: &BTreeMap<String, Tensor>,
-        prompts: &[Vec<u32>],
-        max_lens: &[usize],
-        stop: &[u32],
-        temperature: f64,
-        rng: &mut crate::rng::Rng,
-    ) -> Result<Vec<Vec<u32>>> {
-        if prompts.iter().any(|p| p.is_empty()) {
-            bail!("a prompt to continue is empty");
-        }
-        if max_lens.len() != prompts.len() {
-            bail!("{} prompts but {} length limits", prompts.len(), max_lens.len());
-        }
-        let mut rows = prompts.to_vec();
-        let mut live: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].len() < max_lens[r]).collect();
-        while !live.is_empty() {
-            // Widths in steps of 32, so that few distinct lengths' RoPE tables and masks are cached.
-            let cols = live
-                .iter()
-                .map(|&r| rows[r].len())
-                .max()
-                .unwrap_or(1)
-                .next_multiple_of(32);
-            let mut ids = Vec::with_capacity(live.len() * cols);
-            let mut last = Vec::with_capacity(live.len());
-            for (i, &r) in live.iter().enumerate() {
-                ids.extend(&rows[r]);
-                ids.extend(std::iter::repeat_n(0, cols - rows[r].len()));
-                last.push((i * cols + rows[r].len() - 1) as u32);
-            }
-            let input = Tensor::from_vec(ids, (live.len(), cols), &self.device)?;
-            let hidden = self
-                .hidden(w, &input)?
-                .reshape((live.len() * cols, self.cfg.hidden_size))?
-                .index_select(&Tensor::new(last, &self.device)?, 0)?;
-            let logits = self.project(w, &BTreeMap::new(), &hidden)?.to_dtype(DType::F32)?;
-            let next = draw(&logits, temperature, rng)?;
-            let mut stopped = vec![];
-            for (&r, token) in live.iter().zip(next) {
-                if stop.contains(&token) {
-                    stopped.push(r);
-                } else {
-                    rows[r].push(token);
-                    if rows[r].len() == max_lens[r] {
-                        stopped.push(r);
-                    }
-                }
-            }
-            live.retain(|r| !stopped.contains(r));
-        }
-        Ok(rows
-            .into_iter()
-            .zip(prompts)
-            .map(|(row, prompt)| row[prompt.len()..].to_vec())
-            .collect())
-    }
-}
-
-/// One token per row of `(rows, V)` f32 logits: the argmax at temperature 0, else a draw from
-/// softmax(logits / temperature) (computed on the device; the host walks each row's cumulative sum).
-fn draw(logits: &Tensor, temperature: f64, rng: &mut crate::rng::Rng) -> Result<Vec<u32>> {
-    if temperature == 0.0 {
-        return Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
-    }
-    let probs: Vec<Vec<f32>> = ops::softmax_last_dim(&(logits / temperature)?)?.to_vec2()?;
-    Ok(probs
-        .iter()
-        .map(|p| {
-            let total: f64 = p.iter().map(|&x| x as f64).sum();
-            let target = rng.uniform() * total;
-            let mut below = 0.0;
-            let last_possible = p.iter().rposition(|&x| x > 0.0).unwrap_or(0);
-            p.iter()
-                .position(|&x| {
-                    below += x as f64;
-                    below > target
-                })
-                .unwrap_or(last_possible) as u32
-        })
-        .collect())
 }

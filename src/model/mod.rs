@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod io;
 pub mod llama;
 pub mod ops;
+mod sample;
 
 pub use config::LlamaConfig;
 pub use llama::{Llama, Params};

@@ -103,11 +103,13 @@ pub fn causal_mask(seq_len: usize, dtype: DType, device: &Device) -> Result<Tens
     Tensor::from_vec(mask, (seq_len, seq_len), device)?.to_dtype(dtype)
 }
 
-/// Causal GQA attention. `q: (B, H, T, D)`, `k, v: (B, KV, T, D)`; returns `(B, H, T, D)`.
-/// Scores and softmax are in f32 (f64 in tests) whatever the compute dtype.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// GQA attention. `q: (B, H, T, D)`, `k, v: (B, KV, Tk, D)`, `mask` additive and broadcastable to
+/// `(B, KV, H / KV, T, Tk)`: the `(T, T)` of [`causal_mask`] in training, a per-row one when decoding
+/// with a KV cache (`model::decode`). Returns `(B, H, T, D)`. Scores and softmax are in f32 (f64 in
+/// tests) whatever the compute dtype.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
-    let kv = k.dim(1)?;
+    let (kv, tk) = (k.dim(1)?, k.dim(2)?);
     let group = h / kv;
     // Group the query heads that share a KV head so K and V are used without being copied.
     let q = q.reshape((b, kv, group * t, d))?;
@@ -115,9 +117,9 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Re
     // before the softmax biases the loss. Only the probabilities go back to bf16 for P·V.
     let stat = stat_dtype(q.dtype());
     let scores = q.to_dtype(stat)?.matmul(&k.to_dtype(stat)?.t()?)?;
-    let scores = (scores / (d as f64).sqrt())?.reshape((b, kv, group, t, t))?;
+    let scores = (scores / (d as f64).sqrt())?.reshape((b, kv, group, t, tk))?;
     let probs = softmax_last_dim(&scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?)?;
-    let probs = probs.to_dtype(q.dtype())?.reshape((b, kv, group * t, t))?;
+    let probs = probs.to_dtype(q.dtype())?.reshape((b, kv, group * t, tk))?;
     probs.matmul(v)?.reshape((b, h, t, d))
 }
 
