@@ -268,6 +268,7 @@ pub fn parity(cuda: &Device) -> Result<bool> {
         ..cfg.clone()
     };
     tiny_llama_rows(&cfg64, 80, " d64", cuda, &mut rows)?;
+    sample_row(cuda, &mut rows)?;
     // The fused AdamW (CUDA, in place) against the reference AdamW (CPU), with a clipping factor: steps
     // 0-1 plain, 2 dist-grad (uniform grid), 3 prox (uniform grid), 4 prox (level grid). Then the fused Σx².
     fn how<'a>(k: u64, grid: &'a TensorGrid, levels: &'a TensorGrid, pull: &'a Tensor) -> Update<'a> {
@@ -703,6 +704,40 @@ fn tiny_llama_rows(cfg: &LlamaConfig, seq: usize, label: &str, cuda: &Device, ro
             });
         }
     }
+    Ok(())
+}
+
+/// Greedy continuations with the KV cache (`Llama::sample`: left-padded prompts of different lengths,
+/// rows finishing at different steps) on CUDA against the CPU: the share of tokens that differ. The
+/// embedding (also the tied head) is scaled up so that no two logits are close enough to swap.
+fn sample_row(cuda: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    let cfg = &LlamaConfig::tiny(64, true);
+    let params = Params::random(cfg, 23, DType::F32, &Device::Cpu)?;
+    let prompts: Vec<Vec<u32>> = [3usize, 17, 40]
+        .iter()
+        .map(|&n| (0..n).map(|i| ((i * 29 + n) % 64) as u32).collect())
+        .collect();
+    let limits = [30, 60, 45];
+    let tokens = |device: &Device| -> Result<Vec<Vec<u32>>> {
+        let mut w = params.compute_weights(DType::F32, |_, x| Ok(x.to_device(device)?))?;
+        let table = w[EMBEDDING].affine(30.0, 0.0)?;
+        w.insert(EMBEDDING.into(), table);
+        let model = Llama::new(cfg.clone(), DType::F32, device);
+        model.sample(&w, &prompts, &limits, &[], 0.0, &mut crate::rng::Rng::new(0))
+    };
+    let (on_cuda, on_cpu) = (tokens(cuda)?, tokens(&Device::Cpu)?);
+    let total: usize = on_cpu.iter().map(Vec::len).sum();
+    let differ: usize = on_cuda
+        .iter()
+        .zip(&on_cpu)
+        .map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len()))
+        .sum();
+    rows.push(Row {
+        name: "tiny llama greedy sample (KV cache)".into(),
+        dtype: DType::F32,
+        err: differ as f64 / total.max(1) as f64,
+        tol: 0.0,
+    });
     Ok(())
 }
 
