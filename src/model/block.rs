@@ -191,7 +191,7 @@ impl Block {
     /// The block's output for `x: (B, t, d)`, the t positions after the `L` whose keys and values
     /// `cache` holds (`(B, KV, L, D)` each; none before the first call), which then holds theirs too.
     /// `self.cos`/`self.sin` are the t new positions' RoPE tables and `self.mask` is additive,
-    /// broadcastable to `(B, 1, 1, t, L + t)` (`model::decode`). Inference only: no accumulators.
+    /// broadcastable to `(B, 1, 1, t, L + t)` (`model::sample`). Inference only: no accumulators.
     pub fn forward_cached(
         &self,
         x: &Tensor,

@@ -105,7 +105,7 @@ pub fn causal_mask(seq_len: usize, dtype: DType, device: &Device) -> Result<Tens
 
 /// GQA attention. `q: (B, H, T, D)`, `k, v: (B, KV, Tk, D)`, `mask` additive and broadcastable to
 /// `(B, KV, H / KV, T, Tk)`: the `(T, T)` of [`causal_mask`] in training, a per-row one when decoding
-/// with a KV cache (`model::decode`). Returns `(B, H, T, D)`. Scores and softmax are in f32 (f64 in
+/// with a KV cache (`model::sample`). Returns `(B, H, T, D)`. Scores and softmax are in f32 (f64 in
 /// tests) whatever the compute dtype.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
