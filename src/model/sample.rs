@@ -277,6 +277,54 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    fn cached_steps_give_the_logits_of_each_row_run_alone() {
+        // f64, so that any difference beyond rounding (a wrong position, a padding key read) shows.
+        let cfg = crate::model::LlamaConfig::tiny(97, false);
+        let params = crate::model::Params::random(&cfg, 5, DType::F64, &Device::Cpu).unwrap();
+        let w = params.compute_weights(DType::F64, |_, x| Ok(x.clone())).unwrap();
+        let model = Llama::new(cfg, DType::F64, &Device::Cpu);
+        let rows: Vec<Vec<u32>> = [2usize, 7, 12]
+            .iter()
+            .map(|&n| (0..n + 6).map(|i| ((i * 31 + n) % 97) as u32).collect())
+            .collect();
+        let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r[..r.len() - 6].to_vec()).collect();
+        let alone = |row: &[u32], len: usize| {
+            let input = Tensor::new(&row[..len], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            model
+                .logits(&w, &input)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .get(len - 1)
+                .unwrap()
+        };
+        let (mut decoder, mut logits) = Decoder::start(&model, &w, &prompts, 12 + 6).unwrap();
+        let mut live: Vec<usize> = vec![0, 1, 2];
+        for step in 0..6 {
+            for (i, &r) in live.iter().enumerate() {
+                let want = alone(&rows[r], prompts[r].len() + step);
+                let err = (logits.get(i).unwrap().to_dtype(DType::F64).unwrap() - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                // The logits come back in f32.
+                assert!(err < 1e-5, "row {r}, step {step}: max |Δ| {err}");
+            }
+            if step == 2 {
+                // The middle row leaves the batch.
+                decoder.retain(&[0, 2]).unwrap();
+                live = vec![0, 2];
+            }
+            let fed: Vec<u32> = live.iter().map(|&r| rows[r][prompts[r].len() + step]).collect();
+            logits = decoder.step(&fed).unwrap();
+        }
+    }
+
+    #[test]
     fn two_level_draws_follow_probabilities_spread_over_blocks() {
         // Mass in three blocks of a 1000-entry vocabulary (the last block partial), and nowhere else.
         let vocab = 1000;
