@@ -17,8 +17,9 @@
 # Run 2026-12-07 on an H100 (binary of cb65007), RESULTS.md §14, on a fresh machine in three calls
 # (the first two cut at the limit):
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s4800@100 prox-prox-q+kd+ls+warm+syn+s4800@400 ste+kd+ls+warm+syn+s4800" LIMIT=570
-# Next (not run): the weak pull at 2400 steps, where STE peaked:
-#   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100 ste+kd+ls+warm+syn+s2400"
+# Run 2026-12-07 on an H100 (binary of 9624997, sampler with a KV cache), RESULTS.md §15, one call
+# after staging: the weak pull at 2400 steps, where STE peaked:
+#   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=470
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
