@@ -33,12 +33,12 @@ struct Decoder<'a> {
 
 impl<'a> Decoder<'a> {
     /// Runs `prompts` (left-padded) and returns the decoder with each row's next-token logits,
-    /// `(B, V)` f32; `capacity` bounds the columns (padding included) the rows will reach.
+    /// `(B, V)` f32; at most `steps` tokens per row are fed after them.
     fn start(
         model: &'a Llama,
         w: &'a BTreeMap<String, Tensor>,
         prompts: &[Vec<u32>],
-        capacity: usize,
+        steps: usize,
     ) -> Result<(Self, Tensor)> {
         let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
@@ -47,12 +47,7 @@ impl<'a> Decoder<'a> {
             .zip(&pads)
             .flat_map(|(p, &pad)| std::iter::repeat_n(0, pad).chain(p.iter().copied()))
             .collect();
-        let (cos, sin) = ops::rope_tables(
-            &model.cfg,
-            capacity.max(width),
-            ops::stat_dtype(model.dtype),
-            &model.device,
-        )?;
+        let (cos, sin) = ops::rope_tables(&model.cfg, width + steps, ops::stat_dtype(model.dtype), &model.device)?;
         let mut decoder = Decoder {
             model,
             w,
@@ -166,10 +161,9 @@ impl Llama {
         let mut live: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].len() < max_lens[r]).collect();
         if !live.is_empty() {
             let live_prompts: Vec<Vec<u32>> = live.iter().map(|&r| rows[r].clone()).collect();
-            let width = live_prompts.iter().map(Vec::len).max().unwrap_or(0);
-            // The last token drawn is never fed back: a row reaches width + max_len − prompt − 1 columns.
-            let capacity = width + live.iter().map(|&r| max_lens[r] - rows[r].len()).max().unwrap_or(0);
-            let (mut decoder, mut logits) = Decoder::start(self, w, &live_prompts, capacity)?;
+            // A row's last token is drawn, never fed: it feeds max_len − prompt − 1 tokens.
+            let steps = live.iter().map(|&r| max_lens[r] - rows[r].len() - 1).max().unwrap_or(0);
+            let (mut decoder, mut logits) = Decoder::start(self, w, &live_prompts, steps)?;
             loop {
                 let mut keep = vec![];
                 let mut fed = vec![];
@@ -298,7 +292,7 @@ mod tests {
                 .get(len - 1)
                 .unwrap()
         };
-        let (mut decoder, mut logits) = Decoder::start(&model, &w, &prompts, 12 + 6).unwrap();
+        let (mut decoder, mut logits) = Decoder::start(&model, &w, &prompts, 6).unwrap();
         let mut live: Vec<usize> = vec![0, 1, 2];
         for step in 0..6 {
             for (i, &r) in live.iter().enumerate() {
