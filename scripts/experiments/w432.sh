@@ -7,7 +7,8 @@
 # usage: scripts/experiments/w432.sh BIN SMOLLM2.gguf ALPACA.json OUT
 # env:   STEPS (50) MB (4) GB (16) VAL (100 records) JOBS (6 runs at once on one GPU) GRIDS METHODS
 #        (METHOD[+ramp][+kdA][+lsM][@C], e.g. prox-prox-q+ls0.3@2000: learned scales at 0.3 × lr, pull
-#        c = 2000; +ramp: the pull gain γ ramps up from 0 with the hit rate, so the first steps are
+#        c = 2000; +ramp: the pull gain γ ramps up from 0 with the hit rate (GAMMA_LR, 0.1: its step per
+#        10 steps per unit of hit rate short of 0.95), so the first steps are
 #        STE-like; +kdA: distillation from the fp fine-tune (the run named fp), weight A (1.0 when not
 #        given), temperature KD_T (1.0) — the fp run then goes first, alone; with KD_TEACHER_STEPS=N the
 #        teacher is a separate fp fine-tune of N steps instead (a 300-step fp run overfits the demo data);
@@ -71,9 +72,9 @@ method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; 
     *) echo "unknown method $1" >&2; exit 1 ;;
   esac
 }
-gamma_toml() { # +ramp: the pull gain γ starts at 0 and rises by 0.1·(0.95 − hit rate EMA) every 10 steps
+gamma_toml() { # +ramp: the pull gain γ starts at 0 and rises by GAMMA_LR (0.1)·(0.95 − hit rate EMA) every 10 steps
   [[ $1 == *+ramp* ]] || return 0
-  printf '[quant.gamma]\nenable = true\nstart = 0\ninit = 0.0\ntarget = 0.95\nlr = 0.1\nevery = 10\nema = 0.7\nmax = 3.0\n'
+  printf '[quant.gamma]\nenable = true\nstart = 0\ninit = 0.0\ntarget = 0.95\nlr = %s\nevery = 10\nema = 0.7\nmax = 3.0\n' "${GAMMA_LR:-0.1}"
 }
 distill_toml() { # +kdA: the fp fine-tune is the teacher, at weight A
   [[ $1 =~ \+kd([0-9.]*) ]] || return 0
