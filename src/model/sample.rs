@@ -26,7 +26,7 @@ struct Decoder<'a> {
     pads: Vec<usize>,
     /// Columns run so far, padding included.
     columns: usize,
-    /// RoPE tables `(capacity, D / 2)` for every column the batch can reach.
+    /// RoPE tables `(prompt width + steps, D / 2)`: every column the batch can reach.
     cos: Tensor,
     sin: Tensor,
 }
