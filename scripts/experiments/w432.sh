@@ -22,6 +22,7 @@
 #        LR (5e-5: the QAT runs' peak learning rate, min LR/10; the fp runs keep 5e-5)
 #        EVAL_EVERY (0: final only; N: a validation curve, and summarize.py adds a best-checkpoint table)
 #        SAVE_EVERY (0: a checkpoint at the end only; N: every N steps too)
+#        BETA (1.5: λ's loss budget) DUAL_LR (1e-3: λ's step; 0 holds λ at 1) GAMMA_LR (see +ramp)
 # Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table. A run cut
 # short (e.g. by the device's 10-minute limit) resumes from its last checkpoint when called again.
 set -euo pipefail
@@ -119,6 +120,8 @@ $(grid_toml "$2")
 [quant.dual]
 # The loss budget: near the fine-tune's loss, so λ stays near 1 (the seed's 2.9 is nanoGPT's).
 beta = ${BETA:-1.5}
+# DUAL_LR = 0 holds λ at 1: under the prox pull λ multiplies the selected tensors' AdamW step.
+lr = ${DUAL_LR:-1e-3}
 $(gamma_toml "$3")
 $(distill_toml "$3")
 TOML

@@ -20,6 +20,9 @@
 # Run 2026-12-07 on an H100 (binary of 9624997, sampler with a KV cache), RESULTS.md §15, one call
 # after staging: the weak pull at 2400 steps, where STE peaked:
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=470
+# Next (not run): λ held at 1, so that Prox-QAT's MLP step anneals with the schedule as STE's does
+# (RESULTS.md §15):
+#   DUAL_LR=0 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@2000 ste+kd+ls+warm+syn+s2400"
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
