@@ -213,25 +213,19 @@ fn draw(logits: &Tensor, temperature: f64, rng: &mut Rng) -> Result<Vec<u32>> {
         .reshape((n * blocks, DRAW_BLOCK))?;
     let block_sums: Vec<Vec<f32>> = probs.sum(1)?.reshape((n, blocks))?.to_vec2()?;
     // Each row's block and how far into it the target falls.
-    let (picked, rest): (Vec<u32>, Vec<f64>) = block_sums
+    let picks: Vec<(usize, f64)> = block_sums.iter().map(|sums| inverse_cdf(sums, rng.uniform())).collect();
+    let index: Vec<u32> = picks
         .iter()
         .enumerate()
-        .map(|(row, sums)| {
-            let (block, rest) = inverse_cdf(sums, rng.uniform());
-            ((row * blocks + block) as u32, rest)
-        })
-        .unzip();
+        .map(|(row, &(block, _))| (row * blocks + block) as u32)
+        .collect();
     let entries: Vec<Vec<f32>> = probs
-        .index_select(&Tensor::from_vec(picked.clone(), n, logits.device())?, 0)?
+        .index_select(&Tensor::from_vec(index, n, logits.device())?, 0)?
         .to_vec2()?;
-    Ok(picked
+    Ok(picks
         .iter()
-        .zip(rest)
         .zip(&entries)
-        .map(|((&flat, rest), p)| {
-            let block = flat as usize % blocks;
-            (block * DRAW_BLOCK + walk(p, rest)) as u32
-        })
+        .map(|(&(block, rest), p)| (block * DRAW_BLOCK + walk(p, rest)) as u32)
         .collect())
 }
 
@@ -253,16 +247,9 @@ fn inverse_cdf(sums: &[f32], u: f64) -> (usize, f64) {
 }
 
 /// The entry of `p` where the cumulative sum first passes `fraction` of the sum of `p` (the last
-/// entry with mass when rounding leaves it short).
+/// entry with mass when rounding leaves it short): [`inverse_cdf`] within the chosen block.
 fn walk(p: &[f32], fraction: f64) -> usize {
-    let target = fraction * p.iter().map(|&x| x as f64).sum::<f64>();
-    let mut below = 0.0;
-    p.iter()
-        .position(|&x| {
-            below += x as f64;
-            below > target
-        })
-        .unwrap_or_else(|| p.iter().rposition(|&x| x > 0.0).unwrap_or(0))
+    inverse_cdf(p, fraction).0
 }
 
 #[cfg(test)]
