@@ -20,9 +20,11 @@
 # Run 2026-12-07 on an H100 (binary of 9624997, sampler with a KV cache), RESULTS.md §15, one call
 # after staging: the weak pull at 2400 steps, where STE peaked:
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=470
-# Next (not run): λ held at 1, so that Prox-QAT's MLP step anneals with the schedule as STE's does
-# (RESULTS.md §15):
-#   DUAL_LR=0 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@2000 ste+kd+ls+warm+syn+s2400"
+# Run 2026-12-07 on an H100 (binary of 82e8633), RESULTS.md §16, one call after staging: λ held at 1,
+# so that Prox-QAT's MLP step anneals with the schedule as STE's does (no difference):
+#   DUAL_LR=0 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=480
+# Next (not run): the pull between c = 0 (STE exactly) and c = 100, e.g.
+#   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@10 prox-prox-q+kd+ls+warm+syn+s2400@30"
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
