@@ -225,12 +225,13 @@ fn draw(logits: &Tensor, temperature: f64, rng: &mut Rng) -> Result<Vec<u32>> {
     Ok(picks
         .iter()
         .zip(&entries)
-        .map(|(&(block, rest), p)| (block * DRAW_BLOCK + walk(p, rest)) as u32)
+        // Within the block, the entry at the same fraction of its mass.
+        .map(|(&(block, rest), p)| (block * DRAW_BLOCK + inverse_cdf(p, rest).0) as u32)
         .collect())
 }
 
-/// The block whose cumulative sum first passes `u` × the total of `sums`, and the fraction of that
-/// block's own sum the target lies at.
+/// The block (or entry) whose cumulative sum first passes `u` × the total of `sums` (the last one with
+/// mass when rounding leaves the sum short), and the fraction of that block's own sum the target lies at.
 fn inverse_cdf(sums: &[f32], u: f64) -> (usize, f64) {
     let total: f64 = sums.iter().map(|&x| x as f64).sum();
     let target = u * total;
@@ -244,12 +245,6 @@ fn inverse_cdf(sums: &[f32], u: f64) -> (usize, f64) {
     }
     // Rounding put the target past the last block: the last block with mass, at its end.
     (sums.iter().rposition(|&x| x > 0.0).unwrap_or(0), 1.0)
-}
-
-/// The entry of `p` where the cumulative sum first passes `fraction` of the sum of `p` (the last
-/// entry with mass when rounding leaves it short): [`inverse_cdf`] within the chosen block.
-fn walk(p: &[f32], fraction: f64) -> usize {
-    inverse_cdf(p, fraction).0
 }
 
 #[cfg(test)]
@@ -332,7 +327,7 @@ mod tests {
     }
 
     #[test]
-    fn inverse_cdf_and_walk_land_on_the_entry_the_target_falls_in() {
+    fn inverse_cdf_lands_on_the_block_and_entry_the_target_falls_in() {
         let sums = [0.25f32, 0.0, 0.5, 0.25];
         assert_eq!(inverse_cdf(&sums, 0.0), (0, 0.0));
         assert_eq!(inverse_cdf(&sums, 0.5), (2, 0.5));
@@ -340,8 +335,8 @@ mod tests {
         // A target rounded past the end goes to the last block with mass.
         assert_eq!(inverse_cdf(&[0.5, 0.5, 0.0], 1.0), (1, 1.0));
         let p = [0.0f32, 0.5, 0.0, 0.5, 0.0];
-        assert_eq!(walk(&p, 0.0), 1);
-        assert_eq!(walk(&p, 0.6), 3);
-        assert_eq!(walk(&p, 1.0), 3, "never an entry without mass");
+        assert_eq!(inverse_cdf(&p, 0.0).0, 1);
+        assert_eq!(inverse_cdf(&p, 0.6).0, 3);
+        assert_eq!(inverse_cdf(&p, 1.0).0, 3, "never an entry without mass");
     }
 }
