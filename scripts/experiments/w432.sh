@@ -16,7 +16,7 @@
 #        its steps come on top of the teacher's); +syn: the training split also holds the teacher's own
 #        responses to its instructions, SYNTH_SAMPLES (4) per record at temperature SYNTH_T (1.0),
 #        sampled once by `proxqat synth` after the teacher run; +sN: this run trains N steps instead of
-#        STEPS)
+#        STEPS; +seedN: training seed N instead of 1337 — batch order, same data split)
 #        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
 #        GRID_RULE (absmax: how every grid's scales start, RTN's included; mse: least rounding error)
 #        LR (5e-5: the QAT runs' peak learning rate, min LR/10; the fp runs keep 5e-5)
@@ -57,6 +57,7 @@ method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; 
   [[ $m =~ \+kd[0-9.]* ]] && m=${m/${BASH_REMATCH[0]}/}
   m=${m/+warm/}
   m=${m/+syn/}
+  [[ $m =~ \+seed[0-9]+ ]] && m=${m/${BASH_REMATCH[0]}/}
   [[ $m =~ \+s[0-9]+ ]] && m=${m/${BASH_REMATCH[0]}/}
   if [[ $m == *+ls* ]]; then # at M × the weights' lr (M from SCALE_LR_MULT, 1.0, when not given)
     local mult=${m#*+ls}
@@ -82,7 +83,8 @@ distill_toml() { # +kdA: the fp fine-tune is the teacher, at weight A
   printf '[distill]\nteacher = "%s"\nweight = %s\ntemperature = %s\n' "$out/runs/$teacher" "${BASH_REMATCH[1]:-1.0}" "${KD_T:-1.0}"
 }
 write_cfg() { # NAME GRID METHOD [STEPS]
-  local model=$gguf lr=5e-5 run_steps=${4:-$steps}
+  local model=$gguf lr=5e-5 run_steps=${4:-$steps} seed=1337
+  [[ $3 =~ \+seed([0-9]+) ]] && seed=${BASH_REMATCH[1]}
   [[ $3 =~ \+s([0-9]+) ]] && run_steps=${BASH_REMATCH[1]}
   [[ $1 == *-* ]] && lr=${LR:-5e-5} # QAT rows (GRID-METHOD); the fp runs keep 5e-5
   [[ $3 == *+warm* ]] && model=$out/runs/$teacher
@@ -103,7 +105,7 @@ lr = $lr
 min_lr = $(python3 -c "print($lr / 10)")
 warmup_steps = 5
 log_every = 5
-seed = 1337
+seed = $seed
 save_every = ${SAVE_EVERY:-0}
 keep_last = 1
 device = "$device"
