@@ -23,8 +23,10 @@
 # Run 2026-12-07 on an H100 (binary of 82e8633), RESULTS.md §16, one call after staging: λ held at 1,
 # so that Prox-QAT's MLP step anneals with the schedule as STE's does (no difference):
 #   DUAL_LR=0 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=480
-# Next (not run): the pull between c = 0 (STE exactly) and c = 100, e.g.
-#   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@10 prox-prox-q+kd+ls+warm+syn+s2400@30"
+# Run 2026-12-07 on an H100 (binary of 82e8633), RESULTS.md §17, four calls on one machine after staging
+# (same /tmp/pq/out, one reference): weaker pulls, then three more seeds of Prox-QAT c = 100 and STE:
+#   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@10 prox-prox-q+kd+ls+warm+syn+s2400@30" LIMIT=480
+#   METHODS="prox-prox-q+kd+ls+warm+syn+s2400+seedN@100 ste+kd+ls+warm+syn+s2400+seedN" LIMIT=470  (N = 2, 3, 4)
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
