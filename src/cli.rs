@@ -168,7 +168,7 @@ pub struct TrainArgs {
     pub devices: Option<usize>,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Clone, Debug)]
 pub struct CkptArgs {
     /// Checkpoint directory, run directory (follows `latest`), HF or packed directory, or .gguf file.
     #[arg(long, value_name = "PATH")]
@@ -233,6 +233,10 @@ pub struct StatsArgs {
     /// Hit tolerance, an absolute weight distance; default: the quant config's atol.
     #[arg(long, value_name = "ATOL")]
     pub atol: Option<f64>,
+    /// Another checkpoint of the same model (e.g. an earlier step of the run): adds the share of each
+    /// tensor's weights whose grid code differs between the two, each under its own scales.
+    #[arg(long, value_name = "PATH")]
+    pub against: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]

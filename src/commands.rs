@@ -70,29 +70,33 @@ struct Opened {
 }
 
 fn open(a: &CkptArgs) -> Result<Opened> {
-    let ckpt = checkpoint::load(&a.ckpt)?;
-    let config = match (&a.config, &ckpt.state) {
-        (Some(path), _) => Some(Config::load(path, &[])?),
-        (None, Some(s)) => Some(s.config.clone()),
-        (None, None) => None,
-    };
     let choice = match a.device.as_str() {
         "cpu" => DeviceChoice::Cpu,
         "cuda" => DeviceChoice::Cuda,
         "auto" => DeviceChoice::Auto,
         other => bail!("--device {other:?}: use cpu, cuda or auto"),
     };
-    let device = train::pick_device(choice, 0)?;
+    open_on(a, &train::pick_device(choice, 0)?)
+}
+
+/// `open` on a device already opened: a second checkpoint compared with the first shares its stream.
+fn open_on(a: &CkptArgs, device: &candle_core::Device) -> Result<Opened> {
+    let ckpt = checkpoint::load(&a.ckpt)?;
+    let config = match (&a.config, &ckpt.state) {
+        (Some(path), _) => Some(Config::load(path, &[])?),
+        (None, Some(s)) => Some(s.config.clone()),
+        (None, None) => None,
+    };
     let precision = config.as_ref().map(|c| c.train.precision).unwrap_or(Precision::Auto);
-    let (master, compute) = train::dtypes(precision, &device);
+    let (master, compute) = train::dtypes(precision, device);
     let tensors: BTreeMap<String, Tensor> = ckpt
         .model
         .tensors
         .iter()
-        .map(|(k, v)| Ok((k.clone(), v.to_device(&device)?)))
+        .map(|(k, v)| Ok((k.clone(), v.to_device(device)?)))
         .collect::<Result<_>>()?;
     let params = Params::from_tensors(&ckpt.model.cfg, tensors, master)?;
-    let model = Llama::new(ckpt.model.cfg.clone(), compute, &device);
+    let model = Llama::new(ckpt.model.cfg.clone(), compute, device);
     Ok(Opened {
         given: a.ckpt.clone(),
         ckpt,
@@ -223,33 +227,58 @@ fn run_stats(a: StatsArgs) -> Result<()> {
     if atol < 0.0 {
         bail!("--atol {atol} must be ≥ 0");
     }
-    let s = stats::compute(&o.params, &quantizer, atol)?;
+    let mut s = stats::compute(&o.params, &quantizer, atol)?;
+    if let Some(path) = &a.against {
+        let other = open_on(
+            &CkptArgs {
+                ckpt: path.clone(),
+                ..a.ckpt.clone()
+            },
+            &o.model.device,
+        )?;
+        let other_quantizer = other.require_quantizer()?;
+        stats::add_code_changes(&mut s, &o.params, &quantizer, &other.params, &other_quantizer)
+            .with_context(|| format!("--against {}", path.display()))?;
+    }
     if a.ckpt.json {
         print_json(&serde_json::to_value(&s)?);
         return Ok(());
     }
+    let changed = |rate: Option<f64>| rate.map(|r| format!(" {r:>8.4}")).unwrap_or_default();
     println!(
-        "{:<44} {:>14} {:>10} {:>8} {:>8} {:>10} {:>10}",
-        "tensor", "shape", "numel", "hit", "sat", "mean|w-q|", "scale"
+        "{:<44} {:>14} {:>10} {:>8} {:>8} {:>10} {:>10}{}",
+        "tensor",
+        "shape",
+        "numel",
+        "hit",
+        "sat",
+        "mean|w-q|",
+        "scale",
+        if a.against.is_some() { "  changed" } else { "" }
     );
     for t in &s.tensors {
         println!(
-            "{:<44} {:>14} {:>10} {:>8.4} {:>8.4} {:>10.3e} {:>10}",
+            "{:<44} {:>14} {:>10} {:>8.4} {:>8.4} {:>10.3e} {:>10}{}",
             t.name,
             format!("{:?}", t.shape),
             t.numel,
             t.hit_rate,
             t.sat_rate,
             t.mean_abs_err,
-            t.scale.map(|s| format!("{s:.3e}")).unwrap_or_else(|| "levels".into())
+            t.scale.map(|s| format!("{s:.3e}")).unwrap_or_else(|| "levels".into()),
+            changed(t.code_change_rate)
         );
     }
     println!(
-        "total: {} weights in {} tensors, hit_rate {:.4}, sat_rate {:.4} (atol {atol})",
+        "total: {} weights in {} tensors, hit_rate {:.4}, sat_rate {:.4} (atol {atol}){}",
         s.total.numel,
         s.tensors.len(),
         s.total.hit_rate,
-        s.total.sat_rate
+        s.total.sat_rate,
+        s.total
+            .code_change_rate
+            .map(|r| format!(", codes changed against --against: {r:.4}"))
+            .unwrap_or_default()
     );
     Ok(())
 }

@@ -85,6 +85,58 @@ fn train_eval_stats_harden_round_trip() {
         1.0,
         "after harden --all every selected weight is on the grid"
     );
+    // Codes between checkpoints: hardening keeps every code; 4 steps at lr 3e-3 moved some.
+    let same = stdout_json(&run_bin(
+        &[
+            "stats",
+            "--ckpt",
+            hard.to_str().unwrap(),
+            "--against",
+            run.to_str().unwrap(),
+            "--json",
+        ],
+        tmp.path(),
+    ));
+    assert_eq!(same["total"]["code_change_rate"].as_f64(), Some(0.0), "{same}");
+    let moved = stdout_json(&run_bin(
+        &[
+            "stats",
+            "--ckpt",
+            run.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--against",
+            model.to_str().unwrap(),
+            "--json",
+        ],
+        tmp.path(),
+    ));
+    let tensors = moved["tensors"].as_array().unwrap();
+    let (changed, numel) = tensors.iter().fold((0.0, 0.0), |(c, n), t| {
+        let numel = t["numel"].as_f64().unwrap();
+        (c + t["code_change_rate"].as_f64().unwrap() * numel, n + numel)
+    });
+    let total = moved["total"]["code_change_rate"].as_f64().unwrap();
+    assert!(
+        total > 0.0 && total < 1.0,
+        "training moved some codes, not all: {total}"
+    );
+    assert!(
+        (total - changed / numel).abs() < 1e-12,
+        "the total is the numel-weighted mean of the tensors'"
+    );
+    // The pretrained model carries no grid of its own: without --config the refusal says where and how.
+    fails_with(
+        &[
+            "stats",
+            "--ckpt",
+            run.to_str().unwrap(),
+            "--against",
+            model.to_str().unwrap(),
+        ],
+        tmp.path(),
+        &["tiny", "carries no quant config", "--config"],
+    );
     let ev2 = stdout_json(&run_bin(
         &["eval", "--ckpt", hard.to_str().unwrap(), "--json"],
         tmp.path(),
