@@ -21,7 +21,7 @@
 #        GRID_RULE (absmax: how every grid's scales start, RTN's included; mse: least rounding error)
 #        LR (5e-5: the QAT runs' peak learning rate, min LR/10; the fp runs keep 5e-5)
 #        EVAL_EVERY (0: final only; N: a validation curve, and summarize.py adds a best-checkpoint table)
-#        SAVE_EVERY (0: a checkpoint at the end only; N: every N steps too)
+#        SAVE_EVERY (0: a checkpoint at the end only; N: every N steps too) KEEP_LAST (1; 0 keeps all)
 #        BETA (1.5: λ's loss budget) DUAL_LR (1e-3: λ's step; 0 holds λ at 1) GAMMA_LR (see +ramp)
 # Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table. A run cut
 # short (e.g. by the device's 10-minute limit) resumes from its last checkpoint when called again.
@@ -107,7 +107,7 @@ warmup_steps = 5
 log_every = 5
 seed = $seed
 save_every = ${SAVE_EVERY:-0}
-keep_last = 1
+keep_last = ${KEEP_LAST:-1}
 device = "$device"
 [eval]
 every = ${EVAL_EVERY:-0}

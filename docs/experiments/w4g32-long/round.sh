@@ -11,7 +11,7 @@
 #   xz -c target/cuda/release/proxqat > .carry/proxqat.xz; cp assets/alpaca_en_demo.json .carry/
 #   head -c 49181216 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry/smol.a
 #   tail -c +49181217 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry2/smol.b
-# env: METHODS (the two 1200-step runs), LIMIT (530 s for the round in one call)
+# env: METHODS (the two 1200-step runs), LIMIT (530 s for the round in one call), CODE_CHANGES (below)
 # Run 2026-12-07 on an H100 (binary of cb65007): the default, then
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@2000 ste+kd+ls+warm+syn+s2400" (same /tmp/pq/out).
 # Run 2026-12-07 on an H100 (binary of cb65007), RESULTS.md §14, on a fresh machine in three calls
@@ -27,6 +27,9 @@
 # (same /tmp/pq/out, one reference): weaker pulls, then three more seeds of Prox-QAT c = 100 and STE:
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@10 prox-prox-q+kd+ls+warm+syn+s2400@30" LIMIT=480
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s2400+seedN@100 ste+kd+ls+warm+syn+s2400+seedN" LIMIT=470  (N = 2, 3, 4)
+# Next (not run): how many codes each method still changes per 300 steps, late in the run (§17's reading
+# that the pull settles the hardened model early while STE keeps exploring codes):
+#   KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100 prox-prox-q+kd+ls+warm+syn+s2400@10 ste+kd+ls+warm+syn+s2400" LIMIT=540
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
@@ -43,5 +46,17 @@ KD_T=2 GRID_RULE=mse STEPS=300 EVAL_EVERY=50 SAVE_EVERY=300 KD_TEACHER_STEPS=100
   METHODS=${METHODS:-"prox-prox-q+kd+ls+warm+syn+s1200@2000 ste+kd+ls+warm+syn+s1200"} \
   timeout -k 5 ${LIMIT:-530} scripts/experiments/w432.sh $d/proxqat $d/smol.gguf $d/alpaca_en_demo.json $d/out 2>&1 | tee -a $OUT/log.txt
 for r in $d/out/runs/*/metrics.jsonl; do [ -e "$r" ] && echo "$r: $(tail -n 1 "$r" | cut -c1-160)"; done
+# CODE_CHANGES=1 (runs trained with KEEP_LAST=0, so every 300-step checkpoint stays): the share of the MLP
+# codes each run changed between consecutive checkpoints, `stats --against` (code-changes.tsv).
+if [ "${CODE_CHANGES:-0}" = 1 ]; then
+  rate() { $d/proxqat stats --ckpt "$1" --against "$2" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["total"]["code_change_rate"])'; }
+  for r in $d/out/runs/w4g32-*/; do
+    prev=""
+    for c in $(ls -d "$r"step-* | sort); do
+      [ -n "$prev" ] && printf '%s\t%s\t%s\t%s\n' "$(basename "$r")" "$(basename "$prev")" "$(basename "$c")" "$(rate "$c" "$prev")"
+      prev=$c
+    done
+  done | tee $d/out/code-changes.tsv | tee -a $OUT/log.txt
+fi
 # Checkpoints (and the partial ones of a cut call, hidden .NAME.tmp-PID / .old-PID) stay on the machine.
 (cd $d/out && tar czf $OUT/round.tgz --exclude='step-*' --exclude='.*.tmp-*' --exclude='.*.old-*' --exclude='*-hard' --exclude=train.json --exclude=synth.json .)
