@@ -29,7 +29,8 @@
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s2400+seedN@100 ste+kd+ls+warm+syn+s2400+seedN" LIMIT=470  (N = 2, 3, 4)
 # Next (not run): how many codes each method still changes per 300 steps, late in the run (§17's reading
 # that the pull settles the hardened model early while STE keeps exploring codes):
-#   KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100 prox-prox-q+kd+ls+warm+syn+s2400@10 ste+kd+ls+warm+syn+s2400" LIMIT=540
+#   KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100 prox-prox-q+kd+ls+warm+syn+s2400@10 ste+kd+ls+warm+syn+s2400" LIMIT=450
+#   (two calls: ~140 s of setup and three runs sharing the GPU, ~450 s; ~40 GB of checkpoints on disk)
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
@@ -47,16 +48,20 @@ KD_T=2 GRID_RULE=mse STEPS=300 EVAL_EVERY=50 SAVE_EVERY=300 KD_TEACHER_STEPS=100
   timeout -k 5 ${LIMIT:-530} scripts/experiments/w432.sh $d/proxqat $d/smol.gguf $d/alpaca_en_demo.json $d/out 2>&1 | tee -a $OUT/log.txt
 for r in $d/out/runs/*/metrics.jsonl; do [ -e "$r" ] && echo "$r: $(tail -n 1 "$r" | cut -c1-160)"; done
 # CODE_CHANGES=1 (runs trained with KEEP_LAST=0, so every 300-step checkpoint stays): the share of the MLP
-# codes each run changed between consecutive checkpoints, `stats --against` (code-changes.tsv).
+# codes each finished run changed between consecutive checkpoints, `stats --against`, appended to
+# code-changes.tsv once per run (~4 s per pair: leave ~100 s of the call for three runs).
 if [ "${CODE_CHANGES:-0}" = 1 ]; then
   rate() { $d/proxqat stats --ckpt "$1" --against "$2" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["total"]["code_change_rate"])'; }
   for r in $d/out/runs/w4g32-*/; do
+    n=$(basename "$r")
+    [ -s "$d/out/rows/$n.json" ] || continue # not finished: a later call
+    grep -qF "$n"$'\t' $d/out/code-changes.tsv 2>/dev/null && continue
     prev=""
     for c in $(ls -d "$r"step-* | sort); do
-      [ -n "$prev" ] && printf '%s\t%s\t%s\t%s\n' "$(basename "$r")" "$(basename "$prev")" "$(basename "$c")" "$(rate "$c" "$prev")"
+      [ -n "$prev" ] && printf '%s\t%s\t%s\t%s\n' "$n" "$(basename "$prev")" "$(basename "$c")" "$(rate "$c" "$prev")"
       prev=$c
     done
-  done | tee $d/out/code-changes.tsv | tee -a $OUT/log.txt
+  done | tee -a $d/out/code-changes.tsv | tee -a $OUT/log.txt
 fi
 # Checkpoints (and the partial ones of a cut call, hidden .NAME.tmp-PID / .old-PID) stay on the machine.
 (cd $d/out && tar czf $OUT/round.tgz --exclude='step-*' --exclude='.*.tmp-*' --exclude='.*.old-*' --exclude='*-hard' --exclude=train.json --exclude=synth.json .)
