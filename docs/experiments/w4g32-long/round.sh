@@ -9,8 +9,8 @@
 # their checkpoints, every 300 steps). Results: $OUT/round.tgz (no checkpoints), $OUT/log.txt.
 # Preparing here (.carry and .carry2 git-ignored; the two halves fit the 64 MiB a call carries):
 #   xz -c target/cuda/release/proxqat > .carry/proxqat.xz; cp assets/alpaca_en_demo.json .carry/
-#   head -c 49181216 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry/smol.a
-#   tail -c +49181217 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry2/smol.b
+#   head -c 44000000 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry/smol.a
+#   tail -c +44000001 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry2/smol.b
 # env: METHODS (the two 1200-step runs), LIMIT (530 s for the round in one call), CODE_CHANGES (below)
 # Run 2026-12-07 on an H100 (binary of cb65007): the default, then
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@2000 ste+kd+ls+warm+syn+s2400" (same /tmp/pq/out).
@@ -27,10 +27,12 @@
 # (same /tmp/pq/out, one reference): weaker pulls, then three more seeds of Prox-QAT c = 100 and STE:
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@10 prox-prox-q+kd+ls+warm+syn+s2400@30" LIMIT=480
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s2400+seedN@100 ste+kd+ls+warm+syn+s2400+seedN" LIMIT=470  (N = 2, 3, 4)
-# Next (not run): how many codes each method still changes per 300 steps, late in the run (§17's reading
-# that the pull settles the hardened model early while STE keeps exploring codes):
+# Run 2026-12-07 on an H100 (source of d833513), RESULTS.md §18, two calls after staging (~40 GB of
+# checkpoints on disk): how many codes each method changes per 300 steps:
 #   KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100 prox-prox-q+kd+ls+warm+syn+s2400@10 ste+kd+ls+warm+syn+s2400" LIMIT=450
-#   (two calls: ~140 s of setup and three runs sharing the GPU, ~450 s; ~40 GB of checkpoints on disk)
+# Next (not run): a γ ramp slow enough to leave the codes free for hundreds of steps (c·γ ≲ 2 until
+# step ~400, ~11 by the end), one run alone after staging:
+#   GAMMA_LR=0.0005 KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+ramp+s2400@100" LIMIT=450
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
