@@ -22,7 +22,7 @@
 #        LR (5e-5: the QAT runs' peak learning rate, min LR/10; the fp runs keep 5e-5)
 #        EVAL_EVERY (0: final only; N: a validation curve, and summarize.py adds a best-checkpoint table)
 #        SAVE_EVERY (0: a checkpoint at the end only; N: every N steps too) KEEP_LAST (1; 0 keeps all)
-#        BETA (1.5: λ's loss budget) DUAL_LR (1e-3: λ's step; 0 holds λ at 1) GAMMA_LR (see +ramp)
+#        BETA (1.5: λ's loss budget) DUAL_LR (1e-3: λ's step; 0 holds λ at 1) GAMMA_LR GAMMA_START (+ramp)
 # Rows already in OUT/rows are kept: a second call with other GRIDS adds to the same table. A run cut
 # short (e.g. by the device's 10-minute limit) resumes from its last checkpoint when called again.
 set -euo pipefail
@@ -74,9 +74,9 @@ method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; 
     *) echo "unknown method $1" >&2; exit 1 ;;
   esac
 }
-gamma_toml() { # +ramp: the pull gain γ starts at 0 and rises by GAMMA_LR (0.1)·(0.95 − hit rate EMA) every 10 steps
+gamma_toml() { # +ramp: the pull gain γ is 0 until step GAMMA_START (0), then rises by GAMMA_LR (0.1)·(0.95 − hit rate EMA) every 10 steps
   [[ $1 == *+ramp* ]] || return 0
-  printf '[quant.gamma]\nenable = true\nstart = 0\ninit = 0.0\ntarget = 0.95\nlr = %s\nevery = 10\nema = 0.7\nmax = 3.0\n' "${GAMMA_LR:-0.1}"
+  printf '[quant.gamma]\nenable = true\nstart = %s\ninit = 0.0\ntarget = 0.95\nlr = %s\nevery = 10\nema = 0.7\nmax = 3.0\n' "${GAMMA_START:-0}" "${GAMMA_LR:-0.1}"
 }
 distill_toml() { # +kdA: the fp fine-tune is the teacher, at weight A
   [[ $1 =~ \+kd([0-9.]*) ]] || return 0

@@ -30,9 +30,11 @@
 # Run 2026-12-07 on an H100 (source of d833513), RESULTS.md §18, two calls after staging (~40 GB of
 # checkpoints on disk): how many codes each method changes per 300 steps:
 #   KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100 prox-prox-q+kd+ls+warm+syn+s2400@10 ste+kd+ls+warm+syn+s2400" LIMIT=450
-# Next (not run): a γ ramp slow enough to leave the codes free for hundreds of steps (c·γ ≲ 2 until
-# step ~400, ~11 by the end), one run alone after staging:
+# Next (not run): Prox-QAT whose codes are free before the pull holds them (§18), two γ schedules, one
+# call after staging: a slow ramp from step 0 (c·γ ≲ 2 until step ~400, ~11 by the end), and STE-like
+# (γ = 0) until step 1200, then §7's fast ramp (one GAMMA_LR per call, so the second run gets its own):
 #   GAMMA_LR=0.0005 KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+ramp+s2400@100" LIMIT=450
+#   GAMMA_START=1200 KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+ramp+s2400@2000" LIMIT=450
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
