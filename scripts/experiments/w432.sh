@@ -7,13 +7,14 @@
 # usage: scripts/experiments/w432.sh BIN SMOLLM2.gguf ALPACA.json OUT
 # env:   STEPS (50) MB (4) GB (16) VAL (100 records) JOBS (6 runs at once on one GPU) GRIDS METHODS
 #        (METHOD[+ramp][+kdA][+lsM][@C], e.g. prox-prox-q+ls0.3@2000: learned scales at 0.3 × lr, pull
-#        c = 2000; +ramp: the pull gain γ ramps up from 0 with the hit rate (GAMMA_LR, 0.1: its step per
-#        10 steps per unit of hit rate short of 0.95), so the first steps are
-#        STE-like; +kdA: distillation from the fp fine-tune (the run named fp), weight A (1.0 when not
-#        given), temperature KD_T (1.0) — the fp run then goes first, alone; with KD_TEACHER_STEPS=N the
-#        teacher is a separate fp fine-tune of N steps instead (a 300-step fp run overfits the demo data);
-#        +warm: the run starts from the teacher's weights instead of the pretrained model's (two stages:
-#        its steps come on top of the teacher's); +syn: the training split also holds the teacher's own
+#        c = 2000; +ramp[G]: the pull gain γ ramps up from 0 with the hit rate (G, else GAMMA_LR, 0.1: its
+#        step per 10 steps per unit of hit rate short of 0.95), so the first steps are STE-like; +gsN
+#        (with +ramp): γ held at 0 until step N (else GAMMA_START, 0); +kdA: distillation from the fp
+#        fine-tune (the run named fp), weight A (1.0 when not given), temperature KD_T (1.0) — the fp
+#        run then goes first, alone; with KD_TEACHER_STEPS=N the teacher is a separate fp fine-tune of
+#        N steps instead (a 300-step fp run overfits the demo data); +warm: the run starts from the
+#        teacher's weights instead of the pretrained model's (two stages: its steps come on top of the
+#        teacher's); +syn: the training split also holds the teacher's own
 #        responses to its instructions, SYNTH_SAMPLES (4) per record at temperature SYNTH_T (1.0),
 #        sampled once by `proxqat synth` after the teacher run; +sN: this run trains N steps instead of
 #        STEPS; +seedN: training seed N instead of 1337 — batch order, same data split)
@@ -53,7 +54,8 @@ grid_toml() { # w4g32 → bits 4, per group of 32; w3ch → bits 3, per channel
 method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; +ls learns the grid's scales
   local c="" m=${1%@*}
   [[ $1 == *@* ]] && c=${1#*@}
-  m=${m/+ramp/}
+  [[ $m =~ \+ramp[0-9.]* ]] && m=${m/${BASH_REMATCH[0]}/}
+  [[ $m =~ \+gs[0-9]+ ]] && m=${m/${BASH_REMATCH[0]}/}
   [[ $m =~ \+kd[0-9.]* ]] && m=${m/${BASH_REMATCH[0]}/}
   m=${m/+warm/}
   m=${m/+syn/}
@@ -74,9 +76,11 @@ method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; 
     *) echo "unknown method $1" >&2; exit 1 ;;
   esac
 }
-gamma_toml() { # +ramp: the pull gain γ is 0 until step GAMMA_START (0), then rises by GAMMA_LR (0.1)·(0.95 − hit rate EMA) every 10 steps
-  [[ $1 == *+ramp* ]] || return 0
-  printf '[quant.gamma]\nenable = true\nstart = %s\ninit = 0.0\ntarget = 0.95\nlr = %s\nevery = 10\nema = 0.7\nmax = 3.0\n' "${GAMMA_START:-0}" "${GAMMA_LR:-0.1}"
+gamma_toml() { # +ramp[G][+gsN]: γ is 0 until step N (GAMMA_START, 0), then rises by G (GAMMA_LR, 0.1)·(0.95 − hit rate EMA) every 10 steps
+  [[ $1 =~ \+ramp([0-9.]*) ]] || return 0
+  local rate=${BASH_REMATCH[1]:-${GAMMA_LR:-0.1}} start=${GAMMA_START:-0}
+  [[ $1 =~ \+gs([0-9]+) ]] && start=${BASH_REMATCH[1]}
+  printf '[quant.gamma]\nenable = true\nstart = %s\ninit = 0.0\ntarget = 0.95\nlr = %s\nevery = 10\nema = 0.7\nmax = 3.0\n' "$start" "$rate"
 }
 distill_toml() { # +kdA: the fp fine-tune is the teacher, at weight A
   [[ $1 =~ \+kd([0-9.]*) ]] || return 0

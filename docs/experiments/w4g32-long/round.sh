@@ -30,11 +30,11 @@
 # Run 2026-12-07 on an H100 (source of d833513), RESULTS.md §18, two calls after staging (~40 GB of
 # checkpoints on disk): how many codes each method changes per 300 steps:
 #   KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100 prox-prox-q+kd+ls+warm+syn+s2400@10 ste+kd+ls+warm+syn+s2400" LIMIT=450
-# Next (not run): Prox-QAT whose codes are free before the pull holds them (§18), two γ schedules, one
-# call after staging: a slow ramp from step 0 (c·γ ≲ 2 until step ~400, ~11 by the end), and STE-like
-# (γ = 0) until step 1200, then §7's fast ramp (one GAMMA_LR per call, so the second run gets its own):
-#   GAMMA_LR=0.0005 KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+ramp+s2400@100" LIMIT=450
-#   GAMMA_START=1200 KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+ramp+s2400@2000" LIMIT=450
+# Next: Prox-QAT whose codes are free before the pull holds them (§18), two γ schedules beside the plain
+# pull, on one machine: a slow ramp from step 0 (+ramp0.0005: c·γ ≲ 2 until step ~400, ~11 by the end),
+# and STE-like (γ = 0) until step 1200, then §7's fast ramp (+ramp+gs1200); two calls after staging
+# (the first cut at the limit, the second resumes and counts the codes):
+#   KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp+gs1200+s2400@2000 prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=440
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
@@ -53,19 +53,25 @@ KD_T=2 GRID_RULE=mse STEPS=300 EVAL_EVERY=50 SAVE_EVERY=300 KD_TEACHER_STEPS=100
 for r in $d/out/runs/*/metrics.jsonl; do [ -e "$r" ] && echo "$r: $(tail -n 1 "$r" | cut -c1-160)"; done
 # CODE_CHANGES=1 (runs trained with KEEP_LAST=0, so every 300-step checkpoint stays): the share of the MLP
 # codes each finished run changed between consecutive checkpoints, `stats --against`, appended to
-# code-changes.tsv once per run (~4 s per pair: leave ~100 s of the call for three runs).
+# code-changes.tsv once per run, and of its first and last checkpoints against the start's codes
+# (teacher-rtn-hard) to code-changes-vs-rtn.tsv (~4 s per pair: leave ~40 s of the call per run).
 if [ "${CODE_CHANGES:-0}" = 1 ]; then
   rate() { $d/proxqat stats --ckpt "$1" --against "$2" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["total"]["code_change_rate"])'; }
+  start=$d/out/runs/teacher-rtn-hard
   for r in $d/out/runs/w4g32-*/; do
     n=$(basename "$r")
     [ -s "$d/out/rows/$n.json" ] || continue # not finished: a later call
     grep -qF "$n"$'\t' $d/out/code-changes.tsv 2>/dev/null && continue
-    prev=""
-    for c in $(ls -d "$r"step-* | sort); do
-      [ -n "$prev" ] && printf '%s\t%s\t%s\t%s\n' "$n" "$(basename "$prev")" "$(basename "$c")" "$(rate "$c" "$prev")"
-      prev=$c
+    ckpts=($(ls -d "$r"step-* | sort))
+    for i in "${!ckpts[@]}"; do
+      [ "$i" -gt 0 ] || continue
+      printf '%s\t%s\t%s\t%s\n' "$n" "$(basename "${ckpts[i-1]}")" "$(basename "${ckpts[i]}")" "$(rate "${ckpts[i]}" "${ckpts[i-1]}")" >> $d/out/code-changes.tsv
     done
-  done | tee -a $d/out/code-changes.tsv | tee -a $OUT/log.txt
+    for c in "${ckpts[0]}" "${ckpts[-1]}"; do
+      printf '%s\t%s\t%s\t%s\n' "$n" "$(basename "$c")" "$(basename "$start")" "$(rate "$c" "$start")" >> $d/out/code-changes-vs-rtn.tsv
+    done
+  done
+  tail -n +1 $d/out/code-changes*.tsv | tee -a $OUT/log.txt
 fi
 # Checkpoints (and the partial ones of a cut call, hidden .NAME.tmp-PID / .old-PID) stay on the machine.
 (cd $d/out && tar czf $OUT/round.tgz --exclude='step-*' --exclude='.*.tmp-*' --exclude='.*.old-*' --exclude='*-hard' --exclude=train.json --exclude=synth.json .)
