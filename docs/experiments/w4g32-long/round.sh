@@ -30,11 +30,15 @@
 # Run 2026-12-07 on an H100 (source of d833513), RESULTS.md §18, two calls after staging (~40 GB of
 # checkpoints on disk): how many codes each method changes per 300 steps:
 #   KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100 prox-prox-q+kd+ls+warm+syn+s2400@10 ste+kd+ls+warm+syn+s2400" LIMIT=450
-# Next: Prox-QAT whose codes are free before the pull holds them (§18), two γ schedules beside the plain
-# pull, on one machine: a slow ramp from step 0 (+ramp0.0005: c·γ ≲ 2 until step ~400, ~11 by the end),
-# and STE-like (γ = 0) until step 1200, then §7's fast ramp (+ramp+gs1200); two calls after staging
-# (the first cut at the limit, the second resumes and counts the codes):
-#   KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp+gs1200+s2400@2000 prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=440
+# Run 2026-12-07 on an H100 (source of d833513), RESULTS.md §19, two calls after staging (the first cut
+# at the limit, the second with LIMIT=420 resumed): Prox-QAT whose codes are free before the pull holds
+# them (§18), a slow ramp from step 0 (+ramp0.0005: c·γ ≈ 1.3 at step 300, ~10 by the end) and STE-like
+# (γ = 0) until step 1200, then §7's fast ramp (+ramp+gs1200), beside the plain pull:
+#   KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp+gs1200+s2400@2000 prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=450
+# Next (not run): the slow ramp over three more seeds (is its +1.1 points over the plain pull more than
+# one pair?), then with λ held at 1 (DUAL_LR=0: λ multiplies the MLP step while the codes are free):
+#   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed2@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed3@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed4@100" LIMIT=450
+#   DUAL_LR=0 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100" LIMIT=450
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
