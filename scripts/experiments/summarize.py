@@ -56,10 +56,10 @@ if "best_val" in fp:
         "RTN gap, mean of the last quarter |",
         "|---|---|---|---|---|---|---|",
     ]
+    gap = lambda val: (rtn_best - val) / (rtn_best - fp["best_val"])
     for r in rows:
         if "best_val" not in r or r["method"] in ("fp", "rtn") or r["grid"] != fp_grid:
             continue
-        gap = lambda val: (rtn_best - val) / (rtn_best - fp["best_val"])
         r["best_rtn_gap_recovered"] = gap(r["best_val"])
         r["late_rtn_gap_recovered"] = gap(r["late_val"]) if "late_val" in r else None
         lines.append(
