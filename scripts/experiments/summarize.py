@@ -38,28 +38,32 @@ for g in grids:
             f"{fmt(gap, '{:.0%}')} | {r['text_ppl_hard']:.3f} | {fmt(r['hit_rate'], '{:.3f}')} | "
             f"{fmt(r['sat_rate'], '{:.3f}')} | {r['wall_s']:.0f} |"
         )
-rtn_best = None  # the best-checkpoint table's RTN
+rtn_best = {}  # per grid: the best-checkpoint table's RTN
 if "best_val" in fp:
-    # Best checkpoint by validation loss (evaluated every EVAL_EVERY steps): RTN is the fp run's best
-    # checkpoint rounded, so an fp run that overfits late does not flatter the QAT rows.
-    rtn_best, rtn_what = fp["best_val_q"], "RTN of it"
-    teacher_rtn = f"{out}/runs/teacher-rtn-val.json"  # w432.sh with KD_TEACHER_STEPS: fresh scales
-    if os.path.exists(teacher_rtn):
-        rtn_best = json.load(open(teacher_rtn))["val_loss"]
-        rtn_what = "RTN (the teacher rounded, scales fresh from its weights)"
+    # Best checkpoint by validation loss (evaluated every EVAL_EVERY steps). RTN is the teacher rounded
+    # to the grid with fresh scales (w432.sh with KD_TEACHER_STEPS), else the fp run's best checkpoint
+    # rounded (FP_GRID only), so an fp run that overfits late does not flatter the QAT rows.
+    for g in grids:
+        teacher_rtn = f"{out}/runs/teacher-{g}-rtn-val.json"
+        if os.path.exists(teacher_rtn):
+            rtn_best[g] = json.load(open(teacher_rtn))["val_loss"]
+        elif g == fp_grid:
+            rtn_best[g] = fp["best_val_q"]
+    rtn_what = "the teacher rounded, scales fresh from its weights" if any(
+        os.path.exists(f"{out}/runs/teacher-{g}-rtn-val.json") for g in grids) else "the fp run's best checkpoint rounded"
     lines += [
         "",
-        f"Best checkpoint by validation loss: fp {fp['best_val']:.4f} at step {fp['best_step']}, "
-        f"{rtn_what} {rtn_best:.4f}",
+        f"Best checkpoint by validation loss: fp {fp['best_val']:.4f} at step {fp['best_step']}; RTN ({rtn_what}) "
+        + ", ".join(f"{g} {v:.4f}" for g, v in rtn_best.items()),
         "",
-        f"| grid ({fp_grid} only) | method | best step | val loss hardened | ×fp | RTN gap recovered | "
-        "RTN gap, mean of the last quarter |",
+        "| grid | method | best step | val loss hardened | ×fp | RTN gap recovered | RTN gap, mean of the last quarter |",
         "|---|---|---|---|---|---|---|",
     ]
-    gap = lambda val: (rtn_best - val) / (rtn_best - fp["best_val"])
     for r in rows:
-        if "best_val" not in r or r["method"] in ("fp", "rtn") or r["grid"] != fp_grid:
+        if "best_val" not in r or r["method"] in ("fp", "rtn") or r["grid"] not in rtn_best:
             continue
+        rtn = rtn_best[r["grid"]]
+        gap = lambda val: (rtn - val) / (rtn - fp["best_val"])
         r["best_rtn_gap_recovered"] = gap(r["best_val"])
         r["late_rtn_gap_recovered"] = gap(r["late_val"]) if "late_val" in r else None
         lines.append(

@@ -181,10 +181,13 @@ for g in $grids; do
   python3 "$here/row.py" "$g-rtn" "$g" rtn "$out/runs/fp" 0 > "$out/rows/$g-rtn.json"
 done
 # With a separate teacher, RTN as §10 of RESULTS.md measures it: the teacher (≈ fp's best checkpoint)
-# rounded with scales fresh from its own weights; summarize.py's best-checkpoint table then uses it.
-if [ "$teacher" = teacher ] && [ ! -s "$out/runs/teacher-rtn-val.json" ]; then
-  $bin ptq --ckpt "$out/runs/teacher" --config "$out/cfg/$fp_grid-rtn.toml" --out "$out/runs/teacher-rtn-hard" --overwrite --json > "$out/runs/teacher-rtn-harden.json"
-  $bin eval --ckpt "$out/runs/teacher-rtn-hard" --json > "$out/runs/teacher-rtn-val.json"
+# rounded to each grid with scales fresh from its own weights; summarize.py's best-checkpoint table uses it.
+if [ "$teacher" = teacher ]; then
+  for g in $grids; do
+    [ -s "$out/runs/teacher-$g-rtn-val.json" ] && continue
+    $bin ptq --ckpt "$out/runs/teacher" --config "$out/cfg/$g-rtn.toml" --out "$out/runs/teacher-$g-rtn-hard" --overwrite --json > "$out/runs/teacher-$g-rtn-harden.json"
+    $bin eval --ckpt "$out/runs/teacher-$g-rtn-hard" --json > "$out/runs/teacher-$g-rtn-val.json"
+  done
 fi
 [ -s "$out/runs/fp-text-fp.json" ] || $bin eval --ckpt "$out/runs/fp" --text "$out/heldout.txt" --seq-len 512 --json > "$out/runs/fp-text-fp.json"
 python3 "$here/summarize.py" "$out" "$fp_grid" | tee "$out/table.md"

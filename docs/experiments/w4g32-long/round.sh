@@ -11,7 +11,8 @@
 #   xz -c target/cuda/release/proxqat > .carry/proxqat.xz; cp assets/alpaca_en_demo.json .carry/
 #   head -c 44000000 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry/smol.a
 #   tail -c +44000001 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry2/smol.b
-# env: METHODS (the two 1200-step runs), LIMIT (530 s for the round in one call), CODE_CHANGES (below)
+# env: METHODS (the two 1200-step runs), GRIDS (w4g32), LIMIT (530 s for the round in one call),
+# CODE_CHANGES (below)
 # Run 2026-12-07 on an H100 (binary of cb65007): the default, then
 #   METHODS="prox-prox-q+kd+ls+warm+syn+s2400@2000 ste+kd+ls+warm+syn+s2400" (same /tmp/pq/out).
 # Run 2026-12-07 on an H100 (binary of cb65007), RESULTS.md §14, on a fresh machine in three calls
@@ -35,10 +36,18 @@
 # them (§18), a slow ramp from step 0 (+ramp0.0005: c·γ ≈ 1.3 at step 300, ~10 by the end) and STE-like
 # (γ = 0) until step 1200, then §7's fast ramp (+ramp+gs1200), beside the plain pull:
 #   KEEP_LAST=0 CODE_CHANGES=1 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp+gs1200+s2400@2000 prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=450
-# Next (not run): the slow ramp over three more seeds (is its +1.1 points over the plain pull more than
-# one pair?), then with λ held at 1 (DUAL_LR=0: λ multiplies the MLP step while the codes are free):
+# Run 2026-12-07 on an H100 (source of d833513), RESULTS.md §20, five calls on one machine after staging
+# (same /tmp/pq/out, one reference): the slow ramp over three more seeds (the first call cut at the
+# limit, the second with LIMIT=420 resumed), other ramp rates at seed 1337 (the same two calls), then
+# λ held at 1 (the `+seed1337` suffix only names the run apart from the λ-learned one):
 #   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed2@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed3@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed4@100" LIMIT=450
-#   DUAL_LR=0 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100" LIMIT=450
+#   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.00025+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.001+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.002+s2400@100" LIMIT=450
+#   DUAL_LR=0 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100" LIMIT=300
+#   DUAL_LR=0 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.00025+s2400+seed1337@100" LIMIT=245
+# Next (not run): does the slower ramp (G = 0.00025, 90.1 % at seed 1337) hold over seeds, and W3 g32 at
+# 2400 steps with the slow ramp, the plain pull and STE (the W3 rows of §9 are 300 steps):
+#   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.00025+s2400+seed2@100 prox-prox-q+kd+ls+warm+syn+ramp0.00025+s2400+seed3@100 prox-prox-q+kd+ls+warm+syn+ramp0.00025+s2400+seed4@100" LIMIT=450
+#   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 prox-prox-q+kd+ls+warm+syn+s2400@100 ste+kd+ls+warm+syn+s2400" LIMIT=450
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
@@ -51,19 +60,18 @@ if [ ! -x $d/proxqat ]; then
   echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $d/smol.gguf" | sha256sum -c || exit 1
   xz -dc $d/proxqat.xz > $d/proxqat && chmod +x $d/proxqat
 fi
-KD_T=2 GRID_RULE=mse STEPS=300 EVAL_EVERY=50 SAVE_EVERY=300 KD_TEACHER_STEPS=100 LR=2e-4 MB=16 JOBS=4 GRIDS=w4g32 \
+KD_T=2 GRID_RULE=mse STEPS=300 EVAL_EVERY=50 SAVE_EVERY=300 KD_TEACHER_STEPS=100 LR=2e-4 MB=16 JOBS=4 GRIDS=${GRIDS:-w4g32} \
   METHODS=${METHODS:-"prox-prox-q+kd+ls+warm+syn+s1200@2000 ste+kd+ls+warm+syn+s1200"} \
   timeout -k 5 ${LIMIT:-530} scripts/experiments/w432.sh $d/proxqat $d/smol.gguf $d/alpaca_en_demo.json $d/out 2>&1 | tee -a $OUT/log.txt
 for r in $d/out/runs/*/metrics.jsonl; do [ -e "$r" ] && echo "$r: $(tail -n 1 "$r" | cut -c1-160)"; done
 # CODE_CHANGES=1 (runs trained with KEEP_LAST=0, so every 300-step checkpoint stays): the share of the MLP
 # codes each finished run changed between consecutive checkpoints, `stats --against`, appended to
 # code-changes.tsv once per run, and of its first and last checkpoints against the start's codes
-# (teacher-rtn-hard) to code-changes-vs-rtn.tsv (~4 s per pair: leave ~40 s of the call per run).
+# (teacher-GRID-rtn-hard) to code-changes-vs-rtn.tsv (~4 s per pair: leave ~40 s of the call per run).
 if [ "${CODE_CHANGES:-0}" = 1 ]; then
   rate() { $d/proxqat stats --ckpt "$1" --against "$2" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["total"]["code_change_rate"])'; }
-  start=$d/out/runs/teacher-rtn-hard
-  for r in $d/out/runs/w4g32-*/; do
-    n=$(basename "$r")
+  for r in $d/out/runs/w[0-9]*-*/; do
+    n=$(basename "$r") start=$d/out/runs/teacher-${n%%-*}-rtn-hard
     [ -s "$d/out/rows/$n.json" ] || continue # not finished: a later call
     grep -qF "$n"$'\t' $d/out/code-changes.tsv 2>/dev/null && continue
     ckpts=($(ls -d "$r"step-* | sort))
