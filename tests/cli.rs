@@ -256,6 +256,16 @@ fn shipped_configs_parse() {
         ),
         (4, 128, 3000, 256)
     );
+    // The γ ramp is RESULTS.md §20's, carried over by the pull per step: η·c·(γ's rise per step) as on
+    // SmolLM2 (η = 2e-4, c = 100, γ += 5e-5·(0.95 − hit) per step), so changing lr or c needs a new rate.
+    let quant = seed.quant.unwrap();
+    let gamma = &quant.gamma;
+    let pull_rise_per_step = seed.train.lr * quant.dist_scale * gamma.lr / gamma.every as f64;
+    assert!(gamma.enable && gamma.start == 0 && gamma.target == 0.95);
+    assert!(
+        (pull_rise_per_step / (2e-4 * 100.0 * 5e-5) - 1.0).abs() < 1e-9,
+        "{pull_rise_per_step}"
+    );
 }
 
 #[test]
