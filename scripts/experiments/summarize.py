@@ -43,14 +43,11 @@ if "best_val" in fp:
     # Best checkpoint by validation loss (evaluated every EVAL_EVERY steps). RTN is the teacher rounded
     # to the grid with fresh scales (w432.sh with KD_TEACHER_STEPS), else the fp run's best checkpoint
     # rounded (FP_GRID only), so an fp run that overfits late does not flatter the QAT rows.
-    for g in grids:
-        teacher_rtn = f"{out}/runs/teacher-{g}-rtn-val.json"
-        if os.path.exists(teacher_rtn):
-            rtn_best[g] = json.load(open(teacher_rtn))["val_loss"]
-        elif g == fp_grid:
-            rtn_best[g] = fp["best_val_q"]
-    rtn_what = "the teacher rounded, scales fresh from its weights" if any(
-        os.path.exists(f"{out}/runs/teacher-{g}-rtn-val.json") for g in grids) else "the fp run's best checkpoint rounded"
+    teacher_rtn = {g: f"{out}/runs/teacher-{g}-rtn-val.json" for g in grids}
+    rtn_best = {g: json.load(open(p))["val_loss"] for g, p in teacher_rtn.items() if os.path.exists(p)}
+    rtn_what = "the teacher rounded, scales fresh from its weights"
+    if not rtn_best:
+        rtn_best, rtn_what = {fp_grid: fp["best_val_q"]}, "the fp run's best checkpoint rounded"
     lines += [
         "",
         f"Best checkpoint by validation loss: fp {fp['best_val']:.4f} at step {fp['best_step']}; RTN ({rtn_what}) "
