@@ -56,13 +56,13 @@ if "best_val" in fp:
         "| grid | method | best step | val loss hardened | ×fp | RTN gap recovered | RTN gap, mean of the last quarter |",
         "|---|---|---|---|---|---|---|",
     ]
+    gap = lambda val, rtn: (rtn - val) / (rtn - fp["best_val"])
     for r in rows:
         if "best_val" not in r or r["method"] in ("fp", "rtn") or r["grid"] not in rtn_best:
             continue
         rtn = rtn_best[r["grid"]]
-        gap = lambda val: (rtn - val) / (rtn - fp["best_val"])
-        r["best_rtn_gap_recovered"] = gap(r["best_val"])
-        r["late_rtn_gap_recovered"] = gap(r["late_val"]) if "late_val" in r else None
+        r["best_rtn_gap_recovered"] = gap(r["best_val"], rtn)
+        r["late_rtn_gap_recovered"] = gap(r["late_val"], rtn) if "late_val" in r else None
         lines.append(
             f"| {r['grid']} | {r['method']} | {r['best_step']} | {r['best_val']:.4f} | "
             f"{r['best_val'] / fp['best_val']:.3f} | {r['best_rtn_gap_recovered']:.1%} | "

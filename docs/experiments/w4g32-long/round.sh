@@ -75,8 +75,7 @@ if [ "${CODE_CHANGES:-0}" = 1 ]; then
     [ -s "$d/out/rows/$n.json" ] || continue # not finished: a later call
     grep -qF "$n"$'\t' $d/out/code-changes.tsv 2>/dev/null && continue
     ckpts=($(ls -d "$r"step-* | sort))
-    for i in "${!ckpts[@]}"; do
-      [ "$i" -gt 0 ] || continue
+    for ((i = 1; i < ${#ckpts[@]}; i++)); do
       printf '%s\t%s\t%s\t%s\n' "$n" "$(basename "${ckpts[i-1]}")" "$(basename "${ckpts[i]}")" "$(rate "${ckpts[i]}" "${ckpts[i-1]}")" >> $d/out/code-changes.tsv
     done
     for c in "${ckpts[0]}" "${ckpts[-1]}"; do
