@@ -37,12 +37,23 @@ fn column(records: &[serde_json::Value], kind: &str, key: &str) -> Vec<(f64, f64
         .collect()
 }
 
-/// A tick label: plain decimals in the usual range, scientific notation outside it.
-fn tick(y: f64) -> String {
+/// A tick label: plain decimals in the usual range, scientific notation outside it. `decimals` comes
+/// from the axis's span, so that neighbouring ticks of a narrow axis do not print alike.
+fn tick(y: f64, decimals: usize) -> String {
     if y == 0.0 || (1e-2..1e4).contains(&y.abs()) {
-        format!("{y:.4}")
+        format!("{y:.decimals$}")
     } else {
         format!("{y:.2e}")
+    }
+}
+
+/// Decimals that tell apart ticks about a tenth of `span` apart: at least 4, as many as that needs.
+fn tick_decimals(span: f64) -> usize {
+    let needed = -(span / 10.0).log10();
+    if needed.is_finite() {
+        (needed.ceil().max(0.0) as usize).clamp(4, 12)
+    } else {
+        4
     }
 }
 
@@ -104,6 +115,7 @@ where
             continue;
         }
         let pad = ((y1 - y0) * 0.05).max(y1.abs() * 1e-3).max(1e-12);
+        let decimals = tick_decimals(y1 - y0 + 2.0 * pad);
         let mut chart = ChartBuilder::on(&area)
             .caption(panel.title, ("sans-serif", 20))
             .margin(12)
@@ -115,7 +127,7 @@ where
             .configure_mesh()
             .x_desc("step")
             .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| tick(*y))
+            .y_label_formatter(&|y| tick(*y, decimals))
             .light_line_style(WHITE)
             .label_style(("sans-serif", 13))
             .draw()
@@ -207,4 +219,27 @@ fn encode_png(rgb: &[u8]) -> Result<Vec<u8>> {
     writer.write_image_data(rgb)?;
     writer.finish()?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{tick, tick_decimals};
+
+    #[test]
+    fn ticks_of_a_narrow_axis_print_apart() {
+        // The saturation rate of a 2400-step run spans 0.1241..0.1245: 4 decimals printed "0.1244" twice.
+        for (lo, span) in [(0.1241, 4e-4), (1.3, 1e-3), (0.5, 2e-6), (1.0, 3.0), (100.0, 50.0)] {
+            let decimals = tick_decimals(span);
+            let labels: Vec<String> = (0..=10).map(|i| tick(lo + span * i as f64 / 10.0, decimals)).collect();
+            let mut distinct = labels.clone();
+            distinct.dedup();
+            assert_eq!(distinct.len(), labels.len(), "span {span}: {labels:?}");
+        }
+        assert_eq!(
+            tick(1.5, tick_decimals(3.0)),
+            "1.5000",
+            "the usual range keeps 4 decimals"
+        );
+        assert_eq!(tick(2e-5, 4), "2.00e-5", "small values in scientific notation");
+    }
 }
