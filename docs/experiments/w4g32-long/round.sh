@@ -44,10 +44,17 @@
 #   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.00025+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.001+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.002+s2400@100" LIMIT=450
 #   DUAL_LR=0 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100" LIMIT=300
 #   DUAL_LR=0 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.00025+s2400+seed1337@100" LIMIT=245
-# Next (not run): does the slower ramp (G = 0.00025, 90.1 % at seed 1337) hold over seeds, and W3 g32 at
-# 2400 steps with the slow ramp, the plain pull and STE (the W3 rows of §9 are 300 steps):
+# Run 2026-12-07 on an H200 (binary of 70a4e05), RESULTS.md §21, three calls on one machine after staging
+# (same /tmp/pq/out): the slower ramp over three more seeds (cut at the limit; the second call resumed
+# it with LIMIT=260, then ran the W3 pair), then the W3 plain pull alone:
 #   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.00025+s2400+seed2@100 prox-prox-q+kd+ls+warm+syn+ramp0.00025+s2400+seed3@100 prox-prox-q+kd+ls+warm+syn+ramp0.00025+s2400+seed4@100" LIMIT=450
-#   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 prox-prox-q+kd+ls+warm+syn+s2400@100 ste+kd+ls+warm+syn+s2400" LIMIT=450
+#   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 ste+kd+ls+warm+syn+s2400" LIMIT=310
+#   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=250
+# (Two round.sh calls in one command: `mv $OUT/round.tgz $OUT/round-A.tgz` between them.)
+# Next (not run): W2 g32 at 2400 steps with the slow ramp and STE (§9's W2 rows are 300 steps; its RTN
+# reference comes with the grid), and more seeds of the W3 pair (one seed each cannot rank them):
+#   GRIDS=w2g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 ste+kd+ls+warm+syn+s2400" LIMIT=450
+#   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed2@100 ste+kd+ls+warm+syn+s2400+seed2" LIMIT=450
 set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
