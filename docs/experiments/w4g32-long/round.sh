@@ -51,8 +51,11 @@
 #   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 ste+kd+ls+warm+syn+s2400" LIMIT=310
 #   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=250
 # (Two round.sh calls in one command: `mv $OUT/round.tgz $OUT/round-A.tgz` between them.)
-# Next (not run): W2 g32 at 2400 steps with the slow ramp and STE (§9's W2 rows are 300 steps; its RTN
-# reference comes with the grid), and more seeds of the W3 pair (one seed each cannot rank them):
+# Next (not run): the sensitivity weighting, never ablated (RESULTS defaults): the slow ramp with a
+# uniform pull (+nosens, seeds 1337 and 2) and with power 1 (+sens1), against the default power 0.5
+# (§20's rows at those seeds: 87.9 %, 88.2 %, from another machine); W2 g32 at 2400 steps with the slow ramp and STE (§9's W2 rows
+# are 300 steps; its RTN reference comes with the grid); more seeds of the W3 pair:
+#   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400+seed2@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+sens1+s2400@100" LIMIT=450
 #   GRIDS=w2g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 ste+kd+ls+warm+syn+s2400" LIMIT=450
 #   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed2@100 ste+kd+ls+warm+syn+s2400+seed2" LIMIT=450
 set -o pipefail
