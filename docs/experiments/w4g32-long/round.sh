@@ -3,14 +3,15 @@
 # at temperature 2 from the 100-step fp fine-tune, its own samples as extra data, mse scales, learned
 # scales, lr 2e-4, from the teacher's weights) at 1200 steps (§12: 600), Prox-QAT and STE + learned
 # scales; micro-batch 16 (one micro-step per step of global batch 16: fewer launches, same batch).
-# Call 1 (`bash docs/experiments/w4g32-long/round.sh stage`) copies .carry/{proxqat.xz, smol.a,
-# alpaca_en_demo.json} to /tmp/pq; call 2 (carry .carry2 = smol.b) joins the GGUF, checks its sha256 and
-# runs the round; a call cut by the 10-minute limit is continued by calling again (runs resume from
-# their checkpoints, every 300 steps). Results: $OUT/round.tgz (no checkpoints), $OUT/log.txt.
-# Preparing here (.carry and .carry2 git-ignored; the two halves fit the 64 MiB a call carries):
-#   xz -c target/cuda/release/proxqat > .carry/proxqat.xz; cp assets/alpaca_en_demo.json .carry/
-#   head -c 44000000 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry/smol.a
-#   tail -c +44000001 assets/SmolLM2-135M-Instruct.Q4_1.gguf > .carry2/smol.b
+# Here, once per binary: `[PARTS=2] bash docs/experiments/w4g32-long/round.sh prep CUDA_BINARY` writes
+# the git-ignored .carry (the binary, the Alpaca demo data and the xz-compressed GGUF's first part) and
+# .carry2 … .carryPARTS (its other parts), sized so that each call, the tracked files included, stays
+# under the 64 MiB a call carries; it fails, naming the PARTS that would fit, when they do not. On the
+# device, one call per folder but the last (carry .carry, then .carry2 …: `bash
+# docs/experiments/w4g32-long/round.sh stage` copies it to /tmp/pq), then the round's calls carrying
+# the last folder: the first joins the GGUF, checks its sha256 and runs the round; a call cut by the
+# 10-minute limit is continued by calling again (runs resume from their checkpoints, every 300 steps).
+# Results: $OUT/round.tgz (no checkpoints), $OUT/log.txt.
 # env: METHODS (the two 1200-step runs), GRIDS (w4g32), LIMIT (530 s for the round in one call),
 # CODE_CHANGES (below)
 # Run 2026-12-07 on an H100 (binary of cb65007): the default, then
@@ -62,12 +63,39 @@ set -o pipefail
 cd "$(dirname "$0")/../../.."
 d=/tmp/pq
 mkdir -p $d
-if [ "${1:-}" = stage ]; then cp .carry/* $d/ && ls -la $d; exit; fi
+gguf_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if [ "${1:-}" = prep ]; then # here: PARTS (2) carry folders, .carry holding the binary and the data too
+  bin=${2:?usage: round.sh prep CUDA_BINARY (e.g. target/cuda/release/proxqat)} parts=${PARTS:-2}
+  rm -rf .carry .carry[0-9]* && mkdir -p .carry
+  xz -T2 -c "$bin" > .carry/proxqat.xz
+  cp assets/alpaca_en_demo.json .carry/
+  xz -T2 -6 -c assets/SmolLM2-135M-Instruct.Q4_1.gguf > $d/smol.gguf.xz
+  # Every folder weighs the same: .carry's other files count against its part of the GGUF.
+  others=$(du -cb .carry/* | tail -n 1 | cut -f1) total=$(stat -c %s $d/smol.gguf.xz)
+  per=$(((others + total + parts - 1) / parts)) offset=0
+  for ((i = 1; i <= parts; i++)); do
+    dir=.carry$([ $i -gt 1 ] && echo $i) len=$per
+    [ $i = 1 ] && len=$((per - others))
+    mkdir -p $dir && tail -c +$((offset + 1)) $d/smol.gguf.xz | head -c $len > $dir/smol.gguf.xz.$i
+    offset=$((offset + len))
+  done
+  cat .carry*/smol.gguf.xz.* | cmp - $d/smol.gguf.xz && rm $d/smol.gguf.xz
+  tracked=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
+  for dir in .carry .carry[0-9]*; do
+    n=$((tracked + $(du -cb $dir/* | tail -n 1 | cut -f1)))
+    echo "$dir: $n bytes with the tracked files (limit $((64 << 20)))"
+    [ $n -lt $((64 << 20)) ] || { echo "$dir: over the 64 MiB a call carries: prep again with PARTS=$((parts + 1))" >&2; exit 1; }
+  done
+  exit
+fi
+# Every call copies the carry folder it brought (.carry, .carry2, …); `stage` only that.
+for dir in .carry .carry[0-9]*; do [ -d $dir ] && cp $dir/* $d/; done
+if [ "${1:-}" = stage ]; then ls -la $d; exit; fi
 source scripts/device-env.sh
 nvidia-smi --query-gpu=name,power.limit --format=csv,noheader | tee -a $OUT/log.txt
 if [ ! -x $d/proxqat ]; then
-  cat $d/smol.a .carry2/smol.b > $d/smol.gguf
-  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $d/smol.gguf" | sha256sum -c || exit 1
+  cat $(ls $d/smol.gguf.xz.* | sort -V) | xz -dc > $d/smol.gguf
+  echo "$gguf_sha  $d/smol.gguf" | sha256sum -c --quiet || { echo "a carry part is missing: stage each folder first" >&2; exit 1; }
   xz -dc $d/proxqat.xz > $d/proxqat && chmod +x $d/proxqat
 fi
 KD_T=2 GRID_RULE=mse STEPS=300 EVAL_EVERY=50 SAVE_EVERY=300 KD_TEACHER_STEPS=100 LR=2e-4 MB=16 JOBS=4 GRIDS=${GRIDS:-w4g32} \
