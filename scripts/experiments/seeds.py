@@ -14,6 +14,9 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from row import best_and_late  # noqa: E402  (the same reading of the curve as each round's table)
+
 
 def run_stats(path):
     """(best gap, last-quarter gap, text ppl) of one run, as row.py and summarize.py compute them."""
@@ -24,11 +27,9 @@ def run_stats(path):
     rtn = rtn[row["grid"]] if isinstance(rtn, dict) else rtn
     fp_best = results["fp"]["best_val"]
     records = [json.loads(l) for l in open(f"{folder}/{name}.metrics.jsonl")]
-    steps = [r for r in records if r["kind"] == "train"][-1]["step"]
-    curve = [(r["step"], r["val_loss_q"]) for r in records if r["kind"] == "eval"]
-    late = [v for s, v in curve if s > 0.75 * steps]
+    best, late = best_and_late(records, "val_loss_q")
     gap = lambda val: 100 * (rtn - val) / (rtn - fp_best)
-    return gap(min(v for _, v in curve)), gap(sum(late) / len(late)), row["text_ppl_hard"]
+    return gap(best["val_loss_q"]), gap(late), row["text_ppl_hard"]
 
 
 def welch(a, b):
