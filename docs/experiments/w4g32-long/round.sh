@@ -52,11 +52,16 @@
 #   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 ste+kd+ls+warm+syn+s2400" LIMIT=310
 #   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+s2400@100" LIMIT=250
 # (Two round.sh calls in one command: `mv $OUT/round.tgz $OUT/round-A.tgz` between them.)
-# Next (not run): the sensitivity weighting, never ablated (RESULTS defaults): the slow ramp with a
-# uniform pull (+nosens, seeds 1337 and 2) and with power 1 (+sens1), against the default power 0.5
-# (§20's rows at those seeds: 87.9 %, 88.2 %, from another machine); W2 g32 at 2400 steps with the slow ramp and STE (§9's W2 rows
-# are 300 steps; its RTN reference comes with the grid); more seeds of the W3 pair:
-#   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400+seed2@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+sens1+s2400@100" LIMIT=450
+# Run 2026-12-08 on an H100 (binary of b4e66d1), RESULTS.md §22, one call after staging, cut at the
+# limit with the runs at steps 1570–1815; the machine was taken back during the resuming call and the
+# checkpoints were lost (the curves came back: sens-ablation-cut/):
+#   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400+seed2@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed2@100" LIMIT=540
+# Next (not run): the uniform pull to the end over four seeds (§22 cut it; two sharing the GPU finish
+# in ~300–315 s after the ~140 s setup, four need a second call), against §19–§20's finished weighted
+# runs at the same seeds (§22: reruns agree within 0.0008 nats); W2 g32 at 2400 steps with the slow ramp
+# and STE (§9's W2 rows are 300 steps; its RTN reference comes with the grid); more seeds of the W3 pair:
+#   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400+seed2@100" LIMIT=460
+#   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400+seed3@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400+seed4@100" LIMIT=330
 #   GRIDS=w2g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 ste+kd+ls+warm+syn+s2400" LIMIT=450
 #   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed2@100 ste+kd+ls+warm+syn+s2400+seed2" LIMIT=450
 set -o pipefail
