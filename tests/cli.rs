@@ -198,6 +198,7 @@ fn bad_configs_are_refused_with_the_key_named() {
             "[quant]\nmethod = \"ste\"\nscale_lr_mult = -1.0\n",
             "quant.scale_lr_mult",
         ),
+        ("[quant.sens]\nfloor = -1e-8\n", "quant.sens.floor"),
     ];
     for (extra, needle) in cases {
         let cfg = tiny_config(tmp.path(), &model, extra);

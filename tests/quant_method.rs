@@ -178,6 +178,50 @@ fn sensitivity_ema_and_both_maps_match_f64() {
     assert!(one["a"].to_scalar::<f32>().unwrap().is_finite());
 }
 
+/// A fine-tune's clipped mean g² is 1e-10 … 3e-7 per tensor, all of it below 1e-8 late in a run
+/// (SmolLM2, RESULTS.md §22). The inverse-sqrt map must give the weights of its formula at that scale,
+/// the same as at any other; the seed's floor of 1e-8 (`floor = 1e-8`) instead makes the mean 1e-8 and
+/// sends most weights to w_max.
+#[test]
+fn inv_sqrt_weights_do_not_depend_on_the_gradient_scale() {
+    let fine_tune = [1e-10, 2e-10, 3e-10, 4e-10, 6e-9];
+    let weights_at = |scale: f64, floor: f64| -> Vec<f64> {
+        let names: Vec<String> = (0..fine_tune.len()).map(|i| format!("t{i}")).collect();
+        let sens = Sensitivity {
+            values: names
+                .iter()
+                .zip(fine_tune)
+                .map(|(n, s)| (n.clone(), Tensor::new((s * scale) as f32, &Device::Cpu).unwrap()))
+                .collect(),
+        };
+        let cfg = SensConfig {
+            floor,
+            ..Default::default()
+        };
+        let w = sens.weights(&cfg, &names).unwrap();
+        names.iter().map(|n| w[n].to_scalar::<f32>().unwrap() as f64).collect()
+    };
+    let mean = fine_tune.iter().sum::<f64>() / fine_tune.len() as f64;
+    let formula: Vec<f64> = fine_tune
+        .iter()
+        .map(|s| (s / mean).powf(-0.5).clamp(0.2, 5.0))
+        .collect();
+    for scale in [1.0, 1e8] {
+        for (got, want) in weights_at(scale, 0.0).iter().zip(&formula) {
+            assert!((got - want).abs() < 1e-5 * want, "scale {scale}: {got} vs {want}");
+        }
+    }
+    // The seed's floor: every S is below 1e-8, so the mean is 1e-8 and the weights (S/1e-8)^(−0.5):
+    // four of five at w_max (5, 5, 5, 5, 1.29) where the formula gives 3.74, 2.65, 2.16, 1.87, 0.48.
+    let seed = weights_at(1.0, 1e-8);
+    for (got, s) in seed.iter().zip(fine_tune) {
+        let want = (s / 1e-8).powf(-0.5).clamp(0.2, 5.0);
+        assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+    }
+    assert_eq!(seed.iter().filter(|w| **w == 5.0).count(), 4);
+    assert!(formula.iter().all(|w| *w < 5.0));
+}
+
 #[test]
 fn selector_modes_on_llama_names() {
     let cfg = LlamaConfig::tiny(16, false);

@@ -18,7 +18,9 @@
 #        responses to its instructions, SYNTH_SAMPLES (4) per record at temperature SYNTH_T (1.0),
 #        sampled once by `proxqat synth` after the teacher run; +sN: this run trains N steps instead of
 #        STEPS; +seedN: training seed N instead of 1337 — batch order, same data split; +nosens: every
-#        tensor's pull weight 1 (sensitivity off); +sensP: the sensitivity map's power P instead of 0.5)
+#        tensor's pull weight 1 (sensitivity off); +sensP: the sensitivity map's power P instead of 0.5;
+#        +seedsens: the seed's floor of 1e-8 on S, with which every Prox-QAT run through RESULTS.md §22
+#        ran, so their names carry no suffix)
 #        FP_GRID (w4g32: the grid the fp run's hit rate is measured on) DEVICE (auto) EXPORT_CHECK (0)
 #        GRID_RULE (absmax: how every grid's scales start, RTN's included; mse: least rounding error)
 #        LR (5e-5: the QAT runs' peak learning rate, min LR/10; the fp runs keep 5e-5)
@@ -61,7 +63,7 @@ method_toml() { # METHOD[+ramp][+lsM][@C]: c after @ overrides C_LOSS / C_PROX; 
   m=${m/+warm/}
   m=${m/+syn/}
   [[ $m =~ \+seed[0-9]+ ]] && m=${m/${BASH_REMATCH[0]}/}
-  [[ $m =~ \+(no)?sens[0-9.]* ]] && m=${m/${BASH_REMATCH[0]}/}
+  [[ $m =~ \+(no|seed)?sens[0-9.]* ]] && m=${m/${BASH_REMATCH[0]}/}
   [[ $m =~ \+s[0-9]+ ]] && m=${m/${BASH_REMATCH[0]}/}
   if [[ $m == *+ls* ]]; then # at M × the weights' lr (M from SCALE_LR_MULT, 1.0, when not given)
     local mult=${m#*+ls}
@@ -84,9 +86,11 @@ gamma_toml() { # +ramp[G][+gsN]: γ is 0 until step N (GAMMA_START, 0), then ris
   [[ $1 =~ \+gs([0-9]+) ]] && start=${BASH_REMATCH[1]}
   printf '[quant.gamma]\nenable = true\nstart = %s\ninit = 0.0\ntarget = 0.95\nlr = %s\nevery = 10\nema = 0.7\nmax = 3.0\n' "$start" "$rate"
 }
-sens_toml() { # +nosens: no sensitivity weighting; +sensP: power P of s = (S / mean S)^(−P), clamped
+sens_toml() { # +nosens: no sensitivity weighting; +sensP: power P of s = (S / mean S)^(−P), clamped;
+  # +seedsens: S floored at 1e-8 (the seed)
   if [[ $1 == *+nosens* ]]; then printf '[quant.sens]\nenable = false\n'
-  elif [[ $1 =~ \+sens([0-9.]+) ]]; then printf '[quant.sens]\npower = %s\n' "${BASH_REMATCH[1]}"; fi
+  elif [[ $1 =~ \+sens([0-9.]+) ]]; then printf '[quant.sens]\npower = %s\n' "${BASH_REMATCH[1]}"
+  elif [[ $1 == *+seedsens* ]]; then printf '[quant.sens]\nfloor = 1e-8\n'; fi
 }
 distill_toml() { # +kdA: the fp fine-tune is the teacher, at weight A
   [[ $1 =~ \+kd([0-9.]*) ]] || return 0

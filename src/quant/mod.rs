@@ -129,6 +129,12 @@ impl QuantConfig {
         if !(0.0..1.0).contains(&self.sens.ema) {
             bail!("quant.sens.ema must be in [0, 1)");
         }
+        if !(self.sens.floor >= 0.0 && self.sens.floor.is_finite()) {
+            bail!(
+                "quant.sens.floor must be a finite number ≥ 0 (0: none; 1e-8: the seed's), got {}",
+                self.sens.floor
+            );
+        }
         Ok(())
     }
 }

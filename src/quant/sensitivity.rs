@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SensMap {
-    /// `s_i = clamp((S_i / mean S)^(−power), w_min, w_max)` (newest seed code, spec §5(b)).
+    /// `s_i = clamp((S_i / mean S)^(−power), w_min, w_max)` (newest seed code, spec §5(b), without its
+    /// absolute floor on S unless `floor` asks for it).
     InvSqrt,
     /// `w_i = 1 + 4·sigmoid((μ − ln S_i)/σ)`, `rel_i = w_i / mean w` (spec §4 / §5(a)).
     SigmoidLog,
@@ -24,6 +25,11 @@ pub struct SensConfig {
     pub power: f64,
     pub w_min: f64,
     pub w_max: f64,
+    /// `inv_sqrt`: floor on each S_i and on their mean before the ratio; 0 = none. The seed floors both
+    /// at 1e-8 (spec §5(b)), above a fine-tune's whole range of clipped mean g² (3e-10 … 3e-7 on
+    /// SmolLM2): the mean becomes 1e-8 and most weights sit at `w_max`. Every Prox-QAT run in
+    /// RESULTS.md through §22 ran with 1e-8.
+    pub floor: f64,
 }
 
 impl Default for SensConfig {
@@ -35,6 +41,7 @@ impl Default for SensConfig {
             power: 0.5,
             w_min: 0.2,
             w_max: 5.0,
+            floor: 0.0,
         }
     }
 }
@@ -102,7 +109,8 @@ impl Sensitivity {
         let s = Tensor::stack(&known.iter().map(|n| &self.values[*n]).collect::<Vec<_>>(), 0)?;
         let w = match cfg.map {
             SensMap::InvSqrt => {
-                let mean = s.maximum(1e-8)?.mean_all()?.maximum(1e-8)?;
+                // Only a zero mean (no gradient yet) needs a floor when `floor` is 0.
+                let mean = s.maximum(cfg.floor)?.mean_all()?.maximum(cfg.floor.max(1e-30))?;
                 s.broadcast_div(&mean)?
                     .maximum(1e-8)?
                     .powf(-cfg.power)?

@@ -56,12 +56,16 @@
 # limit with the runs at steps 1570–1815; the machine was taken back during the resuming call and the
 # checkpoints were lost (the curves came back: sens-ablation-cut/):
 #   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400+seed2@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed2@100" LIMIT=540
-# Next (not run): the uniform pull to the end over four seeds (§22 cut it; two sharing the GPU finish
-# in ~300–315 s after the ~140 s setup, four need a second call), against §19–§20's finished weighted
-# runs at the same seeds (§22: reruns agree within 0.0008 nats); W2 g32 at 2400 steps with the slow ramp
-# and STE (§9's W2 rows are 300 steps; its RTN reference comes with the grid); more seeds of the W3 pair:
+# Next (not run), with a binary of 2026-12-08 or later, whose sensitivity map has no floor unless
+# asked (`+seedsens` reproduces the floored map of every run above; runs without it, the same names as
+# before, now use the fixed map): the uniform pull and the fixed map to the end over four seeds each
+# (§22 cut the first; two sharing the GPU finish in ~300–315 s after the ~140 s setup), against §19–§20's
+# finished floored runs at the same seeds (§22: reruns agree within 0.0008 nats); W2 g32 at 2400 steps
+# with the slow ramp and STE (§9's W2 rows are 300 steps; its RTN reference comes with the grid); more
+# seeds of the W3 pair:
 #   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400+seed2@100" LIMIT=460
 #   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400+seed3@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+nosens+s2400+seed4@100" LIMIT=330
+#   METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed2@100" LIMIT=330  (then seeds 3, 4)
 #   GRIDS=w2g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400@100 ste+kd+ls+warm+syn+s2400" LIMIT=450
 #   GRIDS=w3g32 METHODS="prox-prox-q+kd+ls+warm+syn+ramp0.0005+s2400+seed2@100 ste+kd+ls+warm+syn+s2400+seed2" LIMIT=450
 set -o pipefail
