@@ -26,7 +26,7 @@ pub struct SensConfig {
     pub w_min: f64,
     pub w_max: f64,
     /// `inv_sqrt`: floor on each S_i and on their mean before the ratio; 0 = none. The seed floors both
-    /// at 1e-8 (spec §5(b)), above a fine-tune's whole range of clipped mean g² (3e-10 … 3e-7 on
+    /// at 1e-8 (spec §5(b)), above most of a fine-tune's clipped mean g² (~1e-10 … 3e-7 on
     /// SmolLM2): the mean becomes 1e-8 and most weights sit at `w_max`. Every Prox-QAT run in
     /// RESULTS.md through §22 ran with 1e-8.
     pub floor: f64,
