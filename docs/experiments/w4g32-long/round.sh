@@ -110,7 +110,9 @@ fi
 KD_T=2 GRID_RULE=mse STEPS=300 EVAL_EVERY=50 SAVE_EVERY=300 KD_TEACHER_STEPS=100 LR=2e-4 MB=16 JOBS=4 GRIDS=${GRIDS:-w4g32} \
   METHODS=${METHODS:-"prox-prox-q+kd+ls+warm+syn+s1200@2000 ste+kd+ls+warm+syn+s1200"} \
   timeout -k 5 ${LIMIT:-530} scripts/experiments/w432.sh $d/proxqat $d/smol.gguf $d/alpaca_en_demo.json $d/out 2>&1 | tee -a $OUT/log.txt
-for r in $d/out/runs/*/metrics.jsonl; do [ -e "$r" ] && echo "$r: $(tail -n 1 "$r" | cut -c1-160)"; done
+# Where each run got (w432.sh prints its tables only when every run has finished, so a round cut at
+# LIMIT leaves only these lines in log.txt).
+for r in $d/out/runs/*/metrics.jsonl; do [ -e "$r" ] && echo "$r: $(tail -n 1 "$r" | cut -c1-160)"; done | tee -a $OUT/log.txt
 # CODE_CHANGES=1 (runs trained with KEEP_LAST=0, so every 300-step checkpoint stays): the share of the MLP
 # codes each finished run changed between consecutive checkpoints, `stats --against`, appended to
 # code-changes.tsv once per run, and of its first and last checkpoints against the start's codes
