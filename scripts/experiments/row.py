@@ -20,7 +20,8 @@ if __name__ == "__main__":
     name, grid, method, run, wall = sys.argv[1:6]
     runs = os.path.dirname(run)
     records = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
-    final_eval = [r for r in records if r["kind"] == "eval"][-1]
+    evals = [r for r in records if r["kind"] == "eval"]
+    final_eval = evals[-1]
     last_train = [r for r in records if r["kind"] == "train"][-1]
     hard_val = json.load(open(f"{runs}/{name}-val.json"))
     text = json.load(open(f"{runs}/{name}-text.json"))
@@ -39,7 +40,7 @@ if __name__ == "__main__":
     # The validation curve (EVAL_EVERY): the best checkpoint by validation loss, as a user who keeps the
     # best checkpoint would ship it. A QAT run ships q(x) (its hardened model), the fp run its float
     # weights, and RTN rounds the fp weights of the fp run's best step (the eval's q: scales of the start).
-    if len([r for r in records if r["kind"] == "eval"]) > 1:
+    if len(evals) > 1:
         key = "val_loss_fp" if method in ("fp", "rtn") else "val_loss_q"
         best, late = best_and_late(records, key)
         row.update(best_step=best["step"], best_val=best[key], best_val_q=best["val_loss_q"], late_val=late)
